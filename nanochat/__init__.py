@@ -1,0 +1,1 @@
+"""nanochat-audio: a small, hackable, full-stack speech-aware chat model."""

@@ -1,0 +1,161 @@
+"""Runtime shared by every module: device and distributed setup, the compute dtype policy,
+the master-weight Linear, the base directory, logging and atomic file writes."""
+
+import logging
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger("nanochat")
+
+
+def setup_logging(level=logging.INFO):
+    """One plain log format for every entry point; quiet on non-zero ranks."""
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, so a torchrun job prints each line once."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Compute dtype policy
+
+
+def _detect_compute_dtype():
+    env = os.environ.get("NANOCHAT_DTYPE")
+    if env:
+        table = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+        if env not in table:
+            raise ValueError(f"NANOCHAT_DTYPE={env!r}: expected one of {sorted(table)}")
+        if env == "float16":
+            warnings.warn("NANOCHAT_DTYPE=float16: fp16 overflows without a grad scaler, which "
+                          "nanochat does not use; prefer bfloat16 or float32")
+        return table[env], f"NANOCHAT_DTYPE={env}"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major >= 8:
+            return torch.bfloat16, f"CUDA compute capability {major}.{minor} has bf16 tensor cores"
+        return torch.float32, f"CUDA compute capability {major}.{minor} < 8.0 has no fast bf16"
+    return torch.float32, "no CUDA device: fp32 on CPU/MPS (set NANOCHAT_DTYPE to override)"
+
+
+COMPUTE_DTYPE, COMPUTE_DTYPE_REASON = _detect_compute_dtype()
+
+
+class Linear(nn.Linear):
+    """Bias-free linear with fp32 master weights, cast to the activation dtype in forward.
+
+    This replaces autocast: with fp32 activations nothing is cast, with bf16 activations the
+    matmul runs in bf16 while the optimizer keeps updating the fp32 weight."""
+
+    def __init__(self, in_features, out_features, device=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=torch.float32)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(dtype=x.dtype))
+
+
+# ---------------------------------------------------------------------------
+# Devices and torch.distributed
+
+
+def autodetect_device_type():
+    """The best device present: cuda > mps > cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from the torchrun environment variables."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type=None, seed=42):
+    """Pick the device, seed the RNGs and, under torchrun, join the process group.
+
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"device_type must be cuda, mps or cpu, got {device_type!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device_type='cuda' was asked for but torch sees no CUDA device")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device_type='mps' was asked for but torch sees no MPS device")
+
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if rank == 0:
+        logger.info("device %s, world size %d, compute dtype %s (%s)",
+                    device, world_size, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    """Leave the process group if compute_init joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+
+def get_base_dir():
+    """Where tokenizers, data, checkpoints and caches live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+@contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file beside `path` and rename it into place only if the block succeeds,
+    so a crash never leaves a half-written file under the real name."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

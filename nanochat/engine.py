@@ -1,0 +1,282 @@
+"""Inference: a KV cache with per-row positions, sampling, the calculator tool, and the Engine.
+
+Each distinct prompt (with its audio, if any) is prefilled once at batch 1 and copied into as many
+cache rows as it has samples; then all rows decode together, one token per step, each row at its
+own position. So prompts of different lengths, and clips of different lengths, share one batch
+without padding, and every row computes exactly what a full forward over it would.
+"""
+
+import ast
+import operator
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.common import COMPUTE_DTYPE
+
+
+class KVPositions:
+    """Where each row's new chunk starts, kept on the host so decode never waits on the GPU."""
+
+    def __init__(self, starts, device):
+        self.starts = starts
+        self.min_start, self.max_start = int(starts.min()), int(starts.max())
+        self.uniform = self.min_start == self.max_start
+        self.device = device
+        self._starts_device = starts.to(device, non_blocking=True)
+
+    def index(self, T):
+        """(B, T) absolute positions of the chunk's tokens."""
+        return self._starts_device[:, None] + torch.arange(T, device=self.device)[None, :]
+
+    @property
+    def starts_device_int32(self):
+        return self._starts_device.to(torch.int32)
+
+
+class KVCache:
+    """Keys and values of every layer, (L, B, T_max, H_kv, D), plus each row's length and the last
+    text embedding (smear state)."""
+
+    def __init__(self, model, batch_size, seq_len):
+        cfg = model.config
+        head_dim = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch_size, seq_len, cfg.n_kv_head, head_dim)
+        device = model.get_device()
+        self.k = torch.zeros(shape, dtype=COMPUTE_DTYPE, device=device)
+        self.v = torch.zeros(shape, dtype=COMPUTE_DTYPE, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # host side, see KVPositions
+        self.smear_prev = None
+        self.positions = None
+        self.capacity = seq_len
+
+    def begin_chunk(self, T):
+        """Called by the model before a forward of T new positions."""
+        if int(self.lengths.max()) + T > self.capacity:
+            raise ValueError(f"KV cache overflow: {int(self.lengths.max())} + {T} > capacity {self.capacity}")
+        self.positions = KVPositions(self.lengths, self.k.device)
+
+    def end_chunk(self, T):
+        self.lengths = self.lengths + T
+        self.positions = None
+
+    def insert(self, rows, other):
+        """Copy a prefilled batch-1 cache into rows `rows` (a range) of this one."""
+        n = int(other.lengths[0])
+        self.k[:, rows, :n] = other.k[:, :, :n]
+        self.v[:, rows, :n] = other.v[:, :, :n]
+        self.lengths[rows] = n
+        if other.smear_prev is not None:
+            if self.smear_prev is None:
+                self.smear_prev = torch.zeros(self.k.size(1), 1, other.smear_prev.size(-1),
+                                              dtype=other.smear_prev.dtype, device=self.k.device)
+            self.smear_prev[rows] = other.smear_prev
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=None):
+    """One token per row of logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # mass before a token already exceeds p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------
+# Calculator tool: a whitelist over Python's ast, never eval()
+
+MAX_EXPRESSION_CHARS = 256
+MAX_MAGNITUDE = 10 ** 30
+MAX_NESTING = 64
+_BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+               ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+_UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+class CalculatorError(ValueError):
+    pass
+
+
+def _calc(node, depth):
+    if depth > MAX_NESTING:
+        raise CalculatorError("expression nested too deeply")
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        value = node.value
+    elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
+        left, right = _calc(node.left, depth + 1), _calc(node.right, depth + 1)
+        try:
+            value = _BINARY_OPS[type(node.op)](left, right)
+        except ZeroDivisionError:
+            raise CalculatorError("division by zero") from None
+    elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
+        value = _UNARY_OPS[type(node.op)](_calc(node.operand, depth + 1))
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
+          and isinstance(node.func.value, ast.Constant) and isinstance(node.func.value.value, str)
+          and len(node.args) == 1 and not node.keywords
+          and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        value = node.func.value.value.count(node.args[0].value)
+    else:
+        raise CalculatorError(f"not allowed in the calculator: {ast.dump(node)[:80]}")
+    if abs(value) > MAX_MAGNITUDE:
+        raise CalculatorError("number too large")
+    return value
+
+
+def use_calculator(expression):
+    """Evaluate arithmetic (+ - * / // % parentheses, unary minus) or 'text'.count('x').
+
+    Returns the result as text; raises CalculatorError for anything else."""
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise CalculatorError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except (SyntaxError, ValueError) as exc:
+        raise CalculatorError(f"not an expression: {exc}") from None
+    value = _calc(tree.body, 0)
+    return f"{value:.10g}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------
+# Engine
+
+
+@dataclass
+class _Row:
+    """Per-row decoding state: tokens to force (tool output), the open python block, done or not."""
+    forced: deque = field(default_factory=deque)
+    python_tokens: list = None
+    completed: bool = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.stop_tokens = {special("<|assistant_end|>"), special("<|bos|>")}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def _prompts_and_audio(self, tokens, audio_features):
+        prompts = [tokens] if tokens and isinstance(tokens[0], int) else tokens
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: give at least one token (e.g. <|bos|>)")
+        vocab = self.model.config.vocab_size
+        for p in prompts:
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in p):
+                raise ValueError(f"prompt tokens must be ints in [0, {vocab})")
+        if audio_features is None or torch.is_tensor(audio_features):
+            audio = [audio_features] * len(prompts)
+        else:
+            audio = list(audio_features)
+        if len(audio) != len(prompts):
+            raise ValueError(f"{len(audio)} audio inputs for {len(prompts)} prompts")
+        audio = [a if a is None or a.dim() == 3 else a.unsqueeze(0) for a in audio]
+        return prompts, audio
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
+                 seed=42, audio_features=None):
+        """Stream (token_column, token_masks): one token per row per step, mask 1 if sampled and
+        0 if forced by the calculator tool.
+
+        tokens: one prompt (list of ints) or several (list of lists); rows are prompt-major, each
+        prompt repeated num_samples times. audio_features: None, one (1, T_a, n_embd) tensor for
+        every prompt, or a list with one tensor (or None) per prompt."""
+        prompts, audio = self._prompts_and_audio(tokens, audio_features)
+        model, device = self.model, self.model.get_device()
+        lengths = [len(p) + (0 if a is None else a.size(1)) for p, a in zip(prompts, audio)]
+        if max_tokens is None:
+            max_tokens = max(1, model.config.sequence_len - max(lengths))
+        limit = model.cos.size(0)
+        if max(lengths) + max_tokens > limit:
+            raise ValueError(f"request too long: {max(lengths)} prompt positions + {max_tokens} new tokens "
+                             f"> {limit} positions the model supports")
+
+        cache = KVCache(model, len(prompts) * num_samples, max(lengths) + max_tokens)
+        first_logits = []
+        for i, (prompt, clip) in enumerate(zip(prompts, audio)):
+            single = KVCache(model, 1, lengths[i])
+            ids = torch.tensor([prompt], dtype=torch.long, device=device)
+            clip = None if clip is None else clip.to(device)
+            logits = model(ids, kv_cache=single, audio_features=clip)[:, -1]
+            cache.insert(range(i * num_samples, (i + 1) * num_samples), single)
+            first_logits.append(logits.expand(num_samples, -1))
+        logits = torch.cat(first_logits)
+
+        generator = torch.Generator(device=device).manual_seed(seed)
+        rows = [_Row() for _ in range(logits.size(0))]
+        for _ in range(max_tokens):
+            sampled = sample_next_token(logits, generator, temperature, top_k, top_p).tolist()
+            column, masks = [], []
+            for row, token in zip(rows, sampled):
+                forced = bool(row.forced)
+                if forced:
+                    token = row.forced.popleft()
+                column.append(token)
+                masks.append(0 if forced else 1)
+                self._observe(row, token)
+            yield column, masks
+            if all(row.completed for row in rows):
+                return
+            ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
+            logits = model(ids, kv_cache=cache)[:, -1]
+
+    def _observe(self, row, token):
+        """Track stop tokens and run the calculator when a python block closes."""
+        if row.completed:
+            return
+        if token in self.stop_tokens:
+            row.completed = True
+        elif token == self.python_start:
+            row.python_tokens = []
+        elif token == self.python_end and row.python_tokens is not None:
+            expression = self.tokenizer.decode(row.python_tokens)
+            row.python_tokens = None
+            try:
+                result = use_calculator(expression)
+            except CalculatorError:
+                return  # like a failed tool call: the model continues without an output block
+            row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.python_tokens is not None:
+            row.python_tokens.append(token)
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Run generate() to the end. Returns (sequences, masks): per row, the prompt followed by
+        the generated tokens up to (not including) the stop token."""
+        prompts, _ = self._prompts_and_audio(tokens, kwargs.get("audio_features"))
+        sequences = [list(p) for p in prompts for _ in range(num_samples)]
+        masks = [[0] * len(s) for s in sequences]
+        done = [False] * len(sequences)
+        for column, column_masks in self.generate(tokens, num_samples=num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, column_masks)):
+                if done[i]:
+                    continue
+                if token in self.stop_tokens:
+                    done[i] = True
+                    continue
+                sequences[i].append(token)
+                masks[i].append(mask)
+            if all(done):
+                break
+        return sequences, masks
