@@ -21,3 +21,11 @@ def small_config():
 @pytest.fixture
 def small_model(small_config):
     return build_model(small_config)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A real BPE tokenizer trained on stdlib sources: 512 ids including the special tokens."""
+    from nanochat.tokenizer import Tokenizer
+    from tests.helpers import stdlib_text
+    return Tokenizer.train_from_iterator(iter(stdlib_text()), vocab_size=512)

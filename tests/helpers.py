@@ -20,3 +20,18 @@ def build_model(config, seed=0, perturb=0.05):
             model.smear_lambda.fill_(0.7)
             model.backout_lambda.fill_(0.3)
     return model.eval()
+
+
+def stdlib_text(max_chars=400_000):
+    """Real text for tests: the interpreter's own standard library sources (always installed)."""
+    import pathlib
+    import sysconfig
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        chunks.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return chunks
