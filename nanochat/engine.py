@@ -6,14 +6,16 @@ own position. So prompts of different lengths, and clips of different lengths, s
 without padding, and every row computes exactly what a full forward over it would.
 """
 
+import argparse
 import ast
 import operator
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.common import COMPUTE_DTYPE
+from nanochat.common import COMPUTE_DTYPE, compute_init, logger, setup_logging
 
 
 class KVPositions:
@@ -280,3 +282,56 @@ class Engine:
             if all(done):
                 break
         return sequences, masks
+
+
+def _smoke_model_and_tokenizer(device):
+    """A trained base model if one exists; else a random small GPT (and, if needed, a tokenizer
+    trained on the standard library's sources) so the smoke run needs nothing but the install."""
+    from nanochat.checkpoint import load_model
+    try:
+        model, tokenizer, _ = load_model("base", device=device)
+        return model, tokenizer, "the newest base checkpoint"
+    except FileNotFoundError as exc:
+        logger.info("%s; using a random model", exc)
+    from nanochat.gpt import GPT, config_for_depth
+    from nanochat.tokenizer import Tokenizer, get_tokenizer
+    try:
+        tokenizer = get_tokenizer()
+    except FileNotFoundError:
+        from itertools import islice
+        from nanochat.dataset import stdlib_docs
+        tokenizer = Tokenizer.train_from_iterator(islice(stdlib_docs(), 200), vocab_size=2048)
+    with torch.device("meta"):
+        model = GPT(config_for_depth(2, vocab_size=tokenizer.get_vocab_size(), sequence_len=512, head_dim=64))
+    model.to_empty(device=device)
+    model.init_weights()
+    return model.eval(), tokenizer, "a random d2 model (no checkpoint found)"
+
+
+def main():
+    """Smoke generation on whatever device is present: python -m nanochat.engine"""
+    parser = argparse.ArgumentParser(description="Generate from the newest base checkpoint (or a random model).")
+    parser.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")
+    parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--num-samples", type=int, default=2)
+    args = parser.parse_args()
+    setup_logging()
+    _, _, _, _, device = compute_init(args.device_type)
+    model, tokenizer, source = _smoke_model_and_tokenizer(device)
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode(args.prompt, prepend="<|bos|>")
+    start = time.perf_counter()
+    sequences, _ = engine.generate_batch(prompt, num_samples=args.num_samples, max_tokens=args.max_tokens,
+                                         temperature=args.temperature)
+    seconds = time.perf_counter() - start
+    new_tokens = sum(len(s) - len(prompt) for s in sequences)
+    print(f"model: {source}, device {device}, dtype {COMPUTE_DTYPE}")
+    for seq in sequences:
+        print(repr(tokenizer.decode(seq)))
+    print(f"{new_tokens} tokens in {seconds:.2f} s ({new_tokens / seconds:.1f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()
