@@ -1,0 +1,30 @@
+"""Bits per byte: a tokenizer-independent validation loss."""
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, steps, token_bytes):
+    """Sum of next-token losses (nats) over all byte-bearing targets, converted to bits, divided by
+    the number of bytes those targets encode. Special tokens (0 bytes) and ignored targets (-1)
+    do not count, so models with different vocabularies compare fairly."""
+    total_nats = torch.zeros((), dtype=torch.float64)
+    total_bytes = torch.zeros((), dtype=torch.int64)
+    for _ in range(steps):
+        x, y = next(batches)[:2]
+        losses = model(x, y, loss_reduction="none").flatten()
+        y = y.flatten()
+        valid = y >= 0
+        n_bytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
+        counted = n_bytes > 0
+        total_nats += losses[counted].double().sum().cpu()
+        total_bytes += n_bytes.sum().cpu()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pair = torch.stack([total_nats, total_bytes.double()]).to(token_bytes.device)
+        torch.distributed.all_reduce(pair)
+        total_nats, total_bytes = pair[0].cpu(), pair[1].cpu()
+    if total_bytes.item() == 0:
+        raise ValueError("evaluate_bpb saw no byte-bearing targets")
+    return total_nats.item() / (math.log(2) * total_bytes.item())

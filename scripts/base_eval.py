@@ -1,0 +1,62 @@
+"""Evaluate a base checkpoint: validation bits per byte and a few greedy samples.
+
+    python -m scripts.base_eval [--model-tag d4] [--step N] [--eval-tokens 524288]
+
+Writes base_dir/report/base_eval.md and prints a final JSON line. (CORE-style in-context tasks
+come with the chat stage.)
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from nanochat.checkpoint import checkpoint_dir_for, load_model
+from nanochat.common import atomic_write, compute_init, get_base_dir, print0, setup_logging
+from nanochat.dataloader import tokenizing_distributed_data_loader_bestfit
+from nanochat.engine import Engine
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes
+from scripts.base_train import SAMPLE_PROMPTS
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-tag", default=None, help="checkpoint folder under base_checkpoints (default: newest)")
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--device-type", default=None)
+    parser.add_argument("--device-batch-size", type=int, default=8)
+    parser.add_argument("--eval-tokens", type=int, default=2 ** 19)
+    parser.add_argument("--max-tokens", type=int, default=24, help="tokens per sample")
+    args = parser.parse_args(argv)
+    setup_logging()
+    _, rank, _, world_size, device = compute_init(args.device_type)
+    model, tokenizer, meta = load_model("base", device=device, model_tag=args.model_tag, step=args.step)
+    T = model.config.sequence_len
+    loader = tokenizing_distributed_data_loader_bestfit(tokenizer, args.device_batch_size, T, "val", device=device)
+    steps = max(1, args.eval_tokens // (args.device_batch_size * T * world_size))
+    bpb = evaluate_bpb(model, loader, steps, get_token_bytes(tokenizer, device=device))
+
+    engine = Engine(model, tokenizer)
+    prompts = [tokenizer.encode(p, prepend="<|bos|>") for p in SAMPLE_PROMPTS]
+    sequences, _ = engine.generate_batch(prompts, max_tokens=args.max_tokens, temperature=0)
+    samples = [tokenizer.decode(s[1:]) for s in sequences]
+
+    source = checkpoint_dir_for("base", args.model_tag)
+    lines = ["# Base model evaluation", "", f"checkpoint: `{source}` step {meta['step']}", "",
+             f"validation bits per byte: **{bpb:.4f}** ({steps * args.device_batch_size * T * world_size:,} tokens)",
+             "", "## Greedy samples", ""] + [f"- `{s!r}`" for s in samples]
+    if rank == 0:
+        for s in samples:
+            print0(repr(s))
+        with atomic_write(os.path.join(get_base_dir(), "report", "base_eval.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    result = dict(val_bpb=bpb, step=meta["step"], checkpoint=source)
+    print0(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
