@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="espeak-ng flite python3-doc dict-gcide wordnet-base fortunes"
+APT_PACKAGES="espeak-ng flite wamerican python3-doc dict-gcide wordnet-base fortunes"
 missing=""
 for pkg in $APT_PACKAGES; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

@@ -1,0 +1,97 @@
+"""On-disk cache of frozen-encoder features, so training epochs never re-run Whisper.
+
+An entry is keyed by (sha256 of the clip's 16 kHz float32 sample bytes, encoder.cache_key) and
+stored as one fp16 .npy file: root/<sha256(cache_key)[:16]>/<hash[:2]>/<hash>.npy. One small file
+per clip is the simplest layout that is fast at our scale (~10k clips): measured on a 2-core CPU,
+reading a 3 s clip's frames (150 x 512 fp16) takes ~0.2 ms and writing one ~8 ms (mostly the
+fsync of the atomic write), against ~10-40 ms to encode it. Every write is atomic on its own. The .npy header
+carries dtype and shape, so a truncated or foreign file is detected, logged and recomputed.
+"""
+
+import hashlib
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nanochat.common import atomic_write, get_base_dir, logger
+
+SAMPLE_RATE = 16000
+
+
+def audio_hash(samples):
+    """sha256 hex of a clip's samples as 16 kHz float32 bytes (the cache's audio key)."""
+    return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
+
+
+class FeatureCache:
+    """fp16 encoder features on disk, one .npy file per (clip, encoder)."""
+
+    def __init__(self, root=None):
+        self.root = root or os.path.join(get_base_dir(), "feature_cache")
+
+    def path(self, audio_hash, cache_key):
+        """Where the entry for (audio_hash, cache_key) lives."""
+        key_dir = hashlib.sha256(cache_key.encode()).hexdigest()[:16]
+        return os.path.join(self.root, key_dir, audio_hash[:2], audio_hash + ".npy")
+
+    def get(self, audio_hash, cache_key):
+        """The cached features as an fp16 CPU tensor (T, ...), or None on a miss. A corrupt entry
+        (unreadable, not fp16, fewer than 2 dims, empty or non-finite) is removed and reported as a miss."""
+        path = self.path(audio_hash, cache_key)
+        if not os.path.exists(path):
+            return None
+        try:
+            array = np.load(path, allow_pickle=False)
+            problem = None
+            if array.dtype != np.float16 or array.ndim < 2 or array.shape[0] == 0:
+                problem = f"dtype {array.dtype}, shape {array.shape}; expected float16 (T>0, ...)"
+            elif not np.isfinite(array).all():
+                problem = "non-finite values"
+        except (ValueError, OSError, EOFError) as e:
+            problem = str(e)
+        if problem is not None:
+            logger.warning("feature cache: corrupt entry %s (%s); recomputing it", path, problem)
+            os.remove(path)
+            return None
+        return torch.from_numpy(array)
+
+    def put(self, audio_hash, cache_key, features):
+        """Store features (T, ...) as fp16, atomically. Raises if they do not fit in fp16."""
+        array = features.detach().to("cpu", torch.float16).numpy()
+        if not np.isfinite(array).all():
+            raise ValueError(f"features for {audio_hash} overflow fp16 (|x| > 65504) or are not finite; "
+                             "they cannot be cached")
+        with atomic_write(self.path(audio_hash, cache_key), "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+
+@torch.no_grad()
+def encode_with_cache(encoder, clips, cache, batch_size=16):
+    """Frozen-encoder features for 16 kHz float32 clips, running the encoder only on cache misses.
+
+    Calls encoder.encode (the frozen part, whose output encoder.cache_key names); with
+    layers="weighted" the caller applies encoder.mix to the result. Returns one fp16 CPU tensor
+    (T_i, ...) per clip, trimmed to its valid length; hits and misses give identical values."""
+    hashes = [audio_hash(c) for c in clips]
+    key = encoder.cache_key
+    found = {}
+    for h in hashes:
+        if h not in found:
+            found[h] = cache.get(h, key)
+    hits = sum(found[h] is not None for h in hashes)
+    # Each distinct missing clip is encoded once, sorted by length so a batch pads little.
+    misses = sorted({h: i for i, h in enumerate(hashes) if found[h] is None}.items(),
+                    key=lambda item: len(clips[item[1]]))
+    with tqdm(total=len(misses), desc="encoding cache misses", unit="clip", disable=not misses) as bar:
+        for start in range(0, len(misses), batch_size):
+            batch = misses[start:start + batch_size]
+            features, mel_lengths = encoder.preprocess([clips[i] for _, i in batch], sampling_rate=SAMPLE_RATE)
+            hidden, lengths = encoder.encode(features, mel_lengths)
+            for (h, _), frames, n in zip(batch, hidden, lengths.tolist()):
+                found[h] = frames[:n].to("cpu", torch.float16)
+                cache.put(h, key, found[h])
+            bar.update(len(batch))
+    logger.info("feature cache: %d hits, %d misses (%d distinct clips encoded)", hits, len(clips) - hits, len(misses))
+    return [found[h] for h in hashes]
