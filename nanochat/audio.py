@@ -394,7 +394,9 @@ class WhisperEncoder(nn.Module):
     """A frozen Whisper encoder. layers: "last" (after the final LayerNorm), a list of hidden-state
     indices (0 = conv + positions, i = output of layer i, the last index is after the final LayerNorm,
     as in transformers' hidden_states) concatenated on the feature axis, or "weighted" (a learnable
-    softmax-weighted sum of all of them). pad: "longest" or "30s" (see the module docstring)."""
+    softmax-weighted sum of all of them). pad: "longest" or "30s" (see the module docstring).
+    model_id: an HF id or local directory (see resolve_weights). max_seconds: the longest clip
+    preprocess() accepts. The encoder runs in its checkpoint dtype (fp32); .to() changes it."""
 
     def __init__(self, model_id=None, layers="last", pad="longest", max_seconds=600.0):
         super().__init__()
