@@ -263,7 +263,13 @@ def train(args):
             raise ValueError(f"{out_dir} holds a stage {meta['stage']} run; resume it with --stage {meta['stage']}")
         origin, enc_meta = meta["origin"], meta["encoder"]
     else:
+        # Rank 0 alone fetches or converts the Whisper weights: under torch.distributed, transformers'
+        # save_pretrained writes no files on other ranks, so a conversion there would be left empty.
+        if ddp and rank != 0:
+            dist.barrier()
         model, origin, enc_meta = build_start_model(args, device)
+        if ddp and rank == 0:
+            dist.barrier()
     gpt = model.gpt
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != gpt.config.vocab_size:
@@ -280,7 +286,7 @@ def train(args):
     if args.eval_every > 0:
         try:
             val_items = build_items(data_dir, "val", args.tasks)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # no val shards, or a task without val clips
             print0(f"no held-out evaluation: {e}")
         order = torch.randperm(len(val_items), generator=torch.Generator().manual_seed(0)).tolist()
         val_items = [val_items[i] for i in order[:args.eval_items]]

