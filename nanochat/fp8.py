@@ -88,9 +88,11 @@ class Float8Linear(Linear):
 
 def default_fp8_filter(module, fqn):
     """Convert only matmuls _scaled_mm can run (dims multiples of 16) and big enough (min dim
-    >= 128, the upstream rule) for fp8 throughput to beat the cost of quantising."""
+    >= 128, the upstream rule) for fp8 throughput to beat the cost of quantising. The output head
+    keeps the compute dtype, as in DeepSeek-V3's fp8 recipe (arXiv:2412.19437, 3.3.1); the GPT's
+    fused loss reads its weight directly."""
     dims = (module.in_features, module.out_features)
-    return all(d % 16 == 0 for d in dims) and min(dims) >= 128
+    return all(d % 16 == 0 for d in dims) and min(dims) >= 128 and fqn.split(".")[-1] != "lm_head"
 
 
 def convert_to_float8_training(model, module_filter_fn=None):

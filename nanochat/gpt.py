@@ -25,6 +25,10 @@ LOGIT_SOFTCAP = 15.0
 VE_GATE_CHANNELS = 12      # the value-embedding gate reads the first 12 channels of x
 SMEAR_GATE_CHANNELS = 24   # the smear gate reads the first 24 channels
 VOCAB_PAD = 64
+# Logit elements per chunk of the fused loss (2^24 fp32 = 64 MB): at d6, vocab 32768, 4096 tokens,
+# a CPU step took 9.2 / 8.7 / 9.4 s with 2^22 / 2^24 / 2^26 (smaller chunks redo the grad_w update
+# more often, bigger ones fall out of cache).
+LOSS_CHUNK_ELEMENTS = 2 ** 24
 
 
 @dataclass
@@ -73,6 +77,57 @@ def apply_rotary(x, cos, sin):
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class SoftcappedCrossEntropy(torch.autograd.Function):
+    """lm_head, softcap and cross-entropy (ignore_index -1) over chunks of rows, with the gradients
+    computed in the same pass; backward only scales them.
+
+    The plain path materialises the (tokens, vocab) logits several times over (logits, /15, tanh,
+    log-softmax and their backward): at d6 with vocab 32768 and 4096 tokens that is 537 MB each, and
+    those passes took over a third of a CPU training step (benchmarks/train_bench.py --profile).
+    Here one chunk lives at a time. The softcap bounds logits to +-15, so exp() cannot overflow and
+    the softmax needs no max-subtraction pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, reduction, grad_enabled):
+        """x (N, C) in the compute dtype, weight (V_pad, C) fp32 master, targets (N,) -> the loss
+        ('mean' over non-ignored targets or 'sum') or per-row losses ('none', no gradients).
+        grad_enabled: torch.is_grad_enabled() of the caller (forward always runs without grad)."""
+        w = weight[:vocab_size].to(x.dtype)
+        valid = targets >= 0
+        safe_targets = targets.clamp(min=0)[:, None]
+        want_grad = grad_enabled and any(ctx.needs_input_grad[:2])
+        if reduction not in ("mean", "sum") and want_grad:
+            raise ValueError("the fused loss computes gradients only for reduction 'mean' or 'sum'")
+        count = valid.sum().clamp(min=1) if reduction == "mean" else 1
+        row_scale = valid.float() / count
+        losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if want_grad else None
+        grad_w = torch.zeros_like(weight) if want_grad else None
+        rows = max(1, LOSS_CHUNK_ELEMENTS // vocab_size)
+        for start in range(0, x.size(0), rows):
+            chunk = slice(start, start + rows)
+            capped = (x[chunk] @ w.t()).float().div_(LOGIT_SOFTCAP).tanh_()  # softcapped logits / 15
+            picked = capped.gather(1, safe_targets[chunk]).squeeze(1)
+            probs = capped.mul(LOGIT_SOFTCAP).exp_()
+            total = probs.sum(1)
+            losses[chunk] = (total.log() - LOGIT_SOFTCAP * picked) * valid[chunk]
+            if not want_grad:
+                continue
+            # d loss / d logits = (softmax - onehot) * (1 - tanh^2), times each row's share of the loss
+            probs.div_(total[:, None]).scatter_add_(1, safe_targets[chunk], -torch.ones_like(picked)[:, None])
+            probs.mul_(capped.square_().sub_(1)).mul_(-row_scale[chunk, None])
+            grad = probs.to(x.dtype)
+            torch.mm(grad, w, out=grad_x[chunk])
+            grad_w[:vocab_size] += (grad.t() @ x[chunk]).float()
+        ctx.save_for_backward(grad_x, grad_w)
+        return losses if reduction == "none" else losses.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None, None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -248,13 +303,17 @@ class GPT(nn.Module):
         x = x - self.backout_lambda * x_mid
         x = norm(x[:, T_a:])
 
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+        if targets is None or (loss_reduction == "none" and torch.is_grad_enabled()):
+            logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+            logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+            if targets is None:
+                return logits
+            return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1, reduction="none")
+        # The common case (a scalar loss, or per-token losses without gradients) never holds the
+        # whole (B*T, vocab) logits: see SoftcappedCrossEntropy.
+        losses = SoftcappedCrossEntropy.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                              self.config.vocab_size, loss_reduction, torch.is_grad_enabled())
+        return losses.view(B, T) if loss_reduction == "none" else losses
 
     def _smear(self, x, kv_cache):
         """x[t] += smear_lambda * sigmoid(gate(x[t])) * x[t-1] over text tokens only.

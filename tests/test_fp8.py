@@ -158,6 +158,9 @@ def test_conversion_filter_and_disable_fp8():
     assert not torch.equal(fp8_out, x @ model["big"].weight.T)
     assert relative_error(fp8_out, x @ model["big"].weight.T) < 0.05
 
+    head = nn.ModuleDict(dict(lm_head=Linear(256, 512), c_fc=Linear(256, 512)))
+    assert convert_to_float8_training(head) == 1 and type(head["lm_head"]) is Linear
+
     custom = nn.ModuleDict(dict(a=Linear(64, 64), b=Linear(64, 64)))
     assert convert_to_float8_training(custom, module_filter_fn=lambda m, fqn: fqn == "b") == 1
     assert type(custom["a"]) is Linear and type(custom["b"]) is Float8Linear

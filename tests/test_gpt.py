@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanochat.engine import KVCache
+from nanochat import gpt as gpt_module
 from nanochat.gpt import GPT, GPTConfig, config_for_depth, layer_windows
 from tests.helpers import build_model
 
@@ -67,6 +68,33 @@ def test_audio_shapes_and_text_only_loss(small_model):
     torch.testing.assert_close(loss, by_hand, atol=1e-5, rtol=1e-5)
     per_token = small_model(idx, targets, audio_features=audio, loss_reduction="none")
     assert per_token.shape == (B, T_text) and (per_token[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_loss_matches_logits_and_autograd(small_model, monkeypatch, reduction):
+    """The chunked loss with in-pass gradients vs cross-entropy on the model's own logits with
+    autograd: same loss, same gradient for every parameter, over several chunks."""
+    monkeypatch.setattr(gpt_module, "LOSS_CHUNK_ELEMENTS", 37 * small_model.config.vocab_size)
+    idx, targets = tokens(3, 50), tokens(3, 50, seed=1)
+    targets[:, ::4] = -1
+
+    def grads(loss):
+        small_model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {name: p.grad.clone() for name, p in small_model.named_parameters() if p.grad is not None}
+
+    fused = small_model(idx, targets, loss_reduction=reduction)
+    fused_grads = grads(fused * 1.5)
+    plain = F.cross_entropy(small_model(idx).transpose(1, 2), targets, ignore_index=-1, reduction=reduction)
+    plain_grads = grads(plain * 1.5)
+    small_model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys() and "lm_head.weight" in fused_grads
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        per_token = small_model(idx, targets, loss_reduction="none")
+    torch.testing.assert_close(per_token, small_model(idx, targets, loss_reduction="none").detach(), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
