@@ -79,6 +79,13 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def softcap(logits):
+    """LOGIT_SOFTCAP * tanh(logits / LOGIT_SOFTCAP), with tanh(y) = 2 sigmoid(2y) - 1: PyTorch's CPU
+    tanh ran 13x slower than its sigmoid (1M fp32 values: 2.9 vs 0.22 ms). In fp32 a logit moves by
+    at most 3.4e-6 from the exact value (fp32 tanh itself: 1.3e-6)."""
+    return LOGIT_SOFTCAP * (2 * torch.sigmoid(logits * (2 / LOGIT_SOFTCAP)) - 1)
+
+
 class SoftcappedCrossEntropy(torch.autograd.Function):
     """lm_head, softcap and cross-entropy (ignore_index -1) over chunks of rows, with the gradients
     computed in the same pass; backward only scales them.
@@ -108,7 +115,8 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         rows = max(1, LOSS_CHUNK_ELEMENTS // vocab_size)
         for start in range(0, x.size(0), rows):
             chunk = slice(start, start + rows)
-            capped = (x[chunk] @ w.t()).float().div_(LOGIT_SOFTCAP).tanh_()  # softcapped logits / 15
+            # tanh(logits / 15) in place, through the sigmoid identity (see softcap)
+            capped = (x[chunk] @ w.t()).float().mul_(2 / LOGIT_SOFTCAP).sigmoid_().mul_(2).sub_(1)
             picked = capped.gather(1, safe_targets[chunk]).squeeze(1)
             probs = capped.mul(LOGIT_SOFTCAP).exp_()
             total = probs.sum(1)
@@ -304,8 +312,7 @@ class GPT(nn.Module):
         x = norm(x[:, T_a:])
 
         if targets is None or (loss_reduction == "none" and torch.is_grad_enabled()):
-            logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-            logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+            logits = softcap(self.lm_head(x)[..., :self.config.vocab_size].float())
             if targets is None:
                 return logits
             return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1, reduction="none")

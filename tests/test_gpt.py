@@ -70,6 +70,13 @@ def test_audio_shapes_and_text_only_loss(small_model):
     assert per_token.shape == (B, T_text) and (per_token[~valid] == 0).all()
 
 
+def test_softcap_equals_tanh_form():
+    x = torch.linspace(-200, 200, 100_001, dtype=torch.float64)
+    reference = 15 * torch.tanh(x / 15)
+    assert (gpt_module.softcap(x.float()).double() - reference).abs().max() < 5e-6  # fp32 tanh: 1.3e-6
+    assert (gpt_module.softcap(x) - reference).abs().max() < 1e-12
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_fused_loss_matches_logits_and_autograd(small_model, monkeypatch, reduction):
     """The chunked loss with in-pass gradients vs cross-entropy on the model's own logits with
