@@ -281,6 +281,9 @@ def _ct2_to_hf_state(v):
     return {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in state.items()}, config
 
 
+HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")  # what import_ct2 writes
+
+
 def import_ct2(model_files, out_dir, sha256=None):
     """Convert a CTranslate2 Whisper model.bin (one file, or split parts concatenated in order) into a
     Hugging Face directory (config.json, model.safetensors, preprocessor_config.json) at `out_dir`.
@@ -324,6 +327,10 @@ def import_ct2(model_files, out_dir, sha256=None):
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         model.save_pretrained(tmp)
         WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(tmp)
+        missing = [name for name in HF_FILES if not (tmp / name).is_file()]
+        if missing:  # transformers writes model files only on torch.distributed rank 0
+            raise RuntimeError(f"converting {origin}: transformers wrote no {', '.join(missing)}; under "
+                               "torch.distributed convert on rank 0 first, then start the other ranks")
         os.rename(tmp, out_dir)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
