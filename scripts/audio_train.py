@@ -35,7 +35,7 @@ from nanochat.speech_data import default_data_dir
 from nanochat.speech_lm import (SpeechLM, audio_checkpoint_dir, collate, encoder_meta, generate_replies,
                                 load_frames, load_speech_lm, save_speech_lm)
 from nanochat.tokenizer import get_tokenizer
-from scripts.base_train import lr_multiplier
+from scripts.base_train import Progress, lr_multiplier
 from scripts.audio_eval import pooled_wer
 from tasks.spoken import SpokenContinuation, SpokenQuestions, SpokenTranscription
 
@@ -308,14 +308,14 @@ def train(args):
         dist.barrier()
     print0(f"feature cache ready in {time.perf_counter() - t0:.1f} s ({cache.root})")
 
-    start_step, loader_state, smooth_loss, train_seconds = 0, None, 0.0, 0.0
+    start_step, loader_state, progress = 0, None, Progress(num_iterations)
     if args.resume:
         _, optim_state, _ = load_checkpoint(out_dir, step, device, load_optimizer=True, rank=rank)
         optimizer.load_state_dict(optim_state)
         if len(meta["loader_states"]) != world_size:
             raise ValueError(f"checkpoint was saved by {len(meta['loader_states'])} ranks; resume with as many")
         start_step, loader_state = step, meta["loader_states"][rank]
-        smooth_loss, train_seconds = meta["smooth_loss"], meta["train_seconds"]
+        progress = Progress(num_iterations, step, meta["smooth_loss"], meta["train_seconds"])
         print0(f"resumed from step {step} of {out_dir}")
     stream = batch_stream([item.duration for item in items], args.batch_size, rank, world_size, args.seed, loader_state)
     engine = Engine(gpt, tokenizer)
@@ -327,8 +327,8 @@ def train(args):
             loader_states = [None] * world_size
             dist.all_gather_object(loader_states, consumed_state)
         meta = dict(step=step, stage=args.stage, model_config=dataclasses.asdict(gpt.config), encoder=enc_meta,
-                    origin=origin, user_config=vars(args), loader_states=loader_states, smooth_loss=smooth_loss,
-                    train_seconds=train_seconds, num_iterations=num_iterations, val=last_eval)
+                    origin=origin, user_config=vars(args), loader_states=loader_states, num_iterations=num_iterations,
+                    smooth_loss=progress.smooth_loss, train_seconds=progress.train_seconds, val=last_eval)
         if ddp:
             dist.barrier()
         save_speech_lm(out_dir, step, model, optimizer.state_dict(), meta, rank)
@@ -336,7 +336,7 @@ def train(args):
             dist.barrier()
 
     model.train()
-    ema, done, consumed_state, debiased = 0.9, start_step, loader_state, None
+    done, consumed_state, debiased = start_step, loader_state, None
     for step in range(start_step, num_iterations):
         sync()
         t0 = time.perf_counter()
@@ -355,12 +355,7 @@ def train(args):
         dt = time.perf_counter() - t0
 
         done = step + 1
-        if done > start_step + 1:  # the first step (allocations, warm-up) does not count towards speed
-            train_seconds += dt
-        smooth_loss = ema * smooth_loss + (1 - ema) * loss_value
-        debiased = smooth_loss / (1 - ema ** done)
-        timed_steps = done - start_step - 1
-        eta = (num_iterations - done) * (train_seconds / timed_steps if timed_steps else dt)
+        debiased, eta = progress.update(done, loss_value, dt)
         tok_per_s = count_positions(model, examples) * world_size / dt
         print0(f"step {done:05d}/{num_iterations:05d} | epoch {consumed_state['epoch']} | loss {debiased:.4f} | "
                f"lrm {lrm:.3f} | dt {dt * 1000:.0f} ms | tok/s {tok_per_s:,.0f} | ETA {eta / 60:.1f} min")
@@ -380,7 +375,7 @@ def train(args):
             print0(f"stopping at step {done} as asked")
             break
 
-    summary = dict(stage=args.stage, steps=done, final_loss=debiased, train_minutes=train_seconds / 60,
+    summary = dict(stage=args.stage, steps=done, final_loss=debiased, train_minutes=progress.train_seconds / 60,
                    val=last_eval, checkpoint_dir=out_dir)
     print0(json.dumps(summary))
     compute_cleanup()

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -94,6 +95,29 @@ def muon_momentum(step, num_iterations, warmup_steps, warmdown_ratio):
     return 0.85 + 0.12 * min(1.0, step / max(1, warmup_steps))
 
 
+LOSS_EMA = 0.9  # smoothing of the logged training loss
+
+
+@dataclass
+class Progress:
+    """What the step log needs across a resume (both fields go into the checkpoint meta): the EMA
+    of the training loss and the seconds spent in timed steps. The first step after a start
+    (allocations, compilation, warm-up) is not timed."""
+    num_iterations: int
+    start_step: int = 0
+    smooth_loss: float = 0.0
+    train_seconds: float = 0.0
+
+    def update(self, done, loss_value, dt):
+        """Record step number `done` (1-based) that took dt seconds; returns (debiased loss, ETA in s)."""
+        if done > self.start_step + 1:
+            self.train_seconds += dt
+        self.smooth_loss = LOSS_EMA * self.smooth_loss + (1 - LOSS_EMA) * loss_value
+        timed_steps = done - self.start_step - 1
+        eta = (self.num_iterations - done) * (self.train_seconds / timed_steps if timed_steps else dt)
+        return self.smooth_loss / (1 - LOSS_EMA ** done), eta
+
+
 def weight_decay_multiplier(step, num_iterations):
     """Muon weight decay follows a cosine from 1 to 0 over training."""
     return 0.5 * (1 + math.cos(math.pi * step / num_iterations))
@@ -151,7 +175,7 @@ def main(argv=None):
         group["initial_weight_decay"] = group["weight_decay"]
 
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
-    start_step, loader_state, smooth_loss, train_seconds = 0, None, 0.0, 0.0
+    start_step, loader_state, progress = 0, None, Progress(num_iterations)
     if args.resume:
         step = last_step(checkpoint_dir)
         if step is None:
@@ -163,7 +187,7 @@ def main(argv=None):
             raise ValueError(f"checkpoint was saved by {len(meta['loader_states'])} ranks; resume with as many "
                              f"(the optimizer state is sharded per rank)")
         start_step, loader_state = step, meta["loader_states"][rank]
-        smooth_loss, train_seconds = meta["smooth_loss"], meta["train_seconds"]
+        progress = Progress(num_iterations, step, meta["smooth_loss"], meta["train_seconds"])
         print0(f"resumed from step {step} of {checkpoint_dir}")
 
     train_model = torch.compile(model, dynamic=False) if args.compile else model
@@ -201,7 +225,8 @@ def main(argv=None):
             loader_states = [None] * world_size
             dist.all_gather_object(loader_states, consumed_state)
         meta = dict(step=step, model_config=dataclasses.asdict(config), user_config=vars(args),
-                    loader_states=loader_states, smooth_loss=smooth_loss, train_seconds=train_seconds,
+                    loader_states=loader_states, smooth_loss=progress.smooth_loss,
+                    train_seconds=progress.train_seconds,
                     val_bpb=val_bpb, total_batch_size=total_batch, num_iterations=num_iterations)
         if ddp:
             dist.barrier()
@@ -211,7 +236,6 @@ def main(argv=None):
 
     model.train()
     val_bpb, debiased, done, consumed_state = None, None, start_step, loader_state
-    ema = 0.9
     for step in range(start_step, num_iterations):
         sync()
         t0 = time.perf_counter()
@@ -234,14 +258,9 @@ def main(argv=None):
         dt = time.perf_counter() - t0
 
         done = step + 1
-        if done > start_step + 1:  # the first step (compile, warm-up) does not count towards speed
-            train_seconds += dt
-        smooth_loss = ema * smooth_loss + (1 - ema) * loss_value
-        debiased = smooth_loss / (1 - ema ** done)
+        debiased, eta = progress.update(done, loss_value, dt)
         tok_per_s = total_batch / dt
         mfu = flops_per_token * tok_per_s / (peak * world_size)
-        timed_steps = done - start_step - 1
-        eta = (num_iterations - done) * (train_seconds / timed_steps if timed_steps else dt)
         print0(f"step {done:05d}/{num_iterations:05d} | loss {debiased:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f} ms | "
                f"tok/s {tok_per_s:,.0f} | MFU {100 * mfu:.1f}% | ETA {eta / 60:.1f} min")
         if wandb_run:
@@ -259,7 +278,7 @@ def main(argv=None):
             print0(f"stopping at step {done} as asked")
             break
 
-    summary = dict(steps=done, val_bpb=val_bpb, train_minutes=train_seconds / 60, final_loss=debiased,
+    summary = dict(steps=done, val_bpb=val_bpb, train_minutes=progress.train_seconds / 60, final_loss=debiased,
                    checkpoint_dir=checkpoint_dir)
     print0(json.dumps(summary))
     if wandb_run:
