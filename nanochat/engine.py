@@ -221,7 +221,7 @@ class Engine:
             single = KVCache(model, 1, lengths[i])
             ids = torch.tensor([prompt], dtype=torch.long, device=device)
             clip = None if clip is None else clip.to(device)
-            logits = model(ids, kv_cache=single, audio_features=clip)[:, -1]
+            logits = model(ids, kv_cache=single, audio_features=clip, last_only=True)[:, -1]
             cache.insert(range(i * num_samples, (i + 1) * num_samples), single)
             first_logits.append(logits.expand(num_samples, -1))
         logits = torch.cat(first_logits)

@@ -258,15 +258,20 @@ class GPT(nn.Module):
     def get_device(self):
         return self.wte.weight.device
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", *, audio_features=None, audio_lengths=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", *, audio_features=None, audio_lengths=None,
+                last_only=False):
         """Logits (B, T, vocab) for the text positions, or the loss if targets are given.
 
         audio_features: (B, T_a, n_embd) projected audio frames placed in front of the text.
         audio_lengths: (B,) valid frames per row when clips of different lengths share a batch;
         the audio must then be left-padded so every clip ends right before its text (rotary
         distances between text and audio stay the same whatever the batch).
-        kv_cache: prefill/decode against a cache; an audio prefix is written into it like text."""
+        kv_cache: prefill/decode against a cache; an audio prefix is written into it like text.
+        last_only: logits (B, 1, vocab) of the last position only, all a prefill needs (the lm_head
+        over a whole prompt cost as much as the blocks: d6, vocab 32768)."""
         B, T = idx.shape
+        if last_only and targets is not None:
+            raise ValueError("last_only is for generation: it returns logits, not a loss")
         x = norm(self.wte(idx))
         x = self._smear(x, kv_cache)
         T_a = 0 if audio_features is None else audio_features.size(1)
@@ -309,7 +314,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.end_chunk(T_full)
         x = x - self.backout_lambda * x_mid
-        x = norm(x[:, T_a:])
+        x = norm(x[:, -1:] if last_only else x[:, T_a:])
 
         if targets is None or (loss_reduction == "none" and torch.is_grad_enabled()):
             logits = softcap(self.lm_head(x)[..., :self.config.vocab_size].float())

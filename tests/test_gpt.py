@@ -43,6 +43,15 @@ def test_cached_forward_equals_full_forward(small_model, chunks):
 
 
 @torch.no_grad()
+def test_last_only_logits(small_model):
+    idx, audio = tokens(2, 30), torch.randn(2, 7, 64)
+    full = small_model(idx, audio_features=audio)
+    torch.testing.assert_close(small_model(idx, audio_features=audio, last_only=True), full[:, -1:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="last_only"):
+        small_model(idx, idx, last_only=True)
+
+
+@torch.no_grad()
 def test_cached_forward_with_audio_prefix_equals_full_forward(small_model):
     idx = tokens(2, 150)
     audio = torch.randn(2, 37, 64)
