@@ -16,9 +16,12 @@ ls "$NANOCHAT_BASE_DIR"/base_data/shard_*.parquet >/dev/null 2>&1 || python -m n
 [ -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.json" ] || python -m scripts.tok_train --vocab-size 8192
 python -m scripts.tok_eval
 
-# 3. Base model: d4 (256 wide), 512-token context.
+# 3. Base model: d4 (256 wide), 512-token context. The LRs are 3x the defaults: at 8192 tokens a
+#    step the sqrt(batch / 2^19) rule shrinks them 8x, and 3x measured better on this corpus
+#    (val bpb after 100 steps: 2.146 at 1x, 1.902 at 3x).
 BASE_ARGS="--depth 4 --head-dim 64 --max-seq-len 512 --device-batch-size 8 --total-batch-size 8192 \
   --num-iterations 300 --warmup-steps 10 --momentum-warmup-steps 50 --eval-every 100 --eval-tokens 65536 \
+  --embedding-lr 0.9 --unembedding-lr 0.024 --matrix-lr 0.06 --scalar-lr 1.5 \
   --sample-every 300 --save-every 100 --model-tag d4"
 if ls "$NANOCHAT_BASE_DIR"/base_checkpoints/d4/meta_*.json >/dev/null 2>&1; then
   python -m scripts.base_train $BASE_ARGS --resume
@@ -29,3 +32,18 @@ python -m scripts.base_eval --model-tag d4 --eval-tokens 262144
 
 # 4. Inference smoke test on the trained model.
 python -m nanochat.engine --prompt "The President said that"
+
+# 5. Ears: spoken data from three TTS engines (val/test voices never heard in training), the
+#    projector alone (stage 1), then projector + GPT (stage 2), then the held-out voices.
+python -m nanochat.speech_data build --n-train 6000 --n-val 100 --n-test 300  # skips finished shards
+audio_train() {  # tag, then scripts.audio_train arguments: a run with a checkpoint resumes
+  local tag=$1; shift
+  if ls "$NANOCHAT_BASE_DIR"/audio_checkpoints/"$tag"/meta_*.json >/dev/null 2>&1; then
+    python -m scripts.audio_train --tag "$tag" "$@" --resume
+  else
+    python -m scripts.audio_train --tag "$tag" "$@"
+  fi
+}
+audio_train s1 --stage 1 --model-tag d4 --num-iterations 150 --lr 3e-3 --eval-every 150 --save-every 50
+audio_train s2 --stage 2 --init-from s1 --text-mix 0.3 --num-iterations 1500 --eval-every 500 --save-every 250
+python -m scripts.audio_eval --tag s2
