@@ -25,10 +25,12 @@ LOGIT_SOFTCAP = 15.0
 VE_GATE_CHANNELS = 12      # the value-embedding gate reads the first 12 channels of x
 SMEAR_GATE_CHANNELS = 24   # the smear gate reads the first 24 channels
 VOCAB_PAD = 64
-# Logit elements per chunk of the fused loss (2^24 fp32 = 64 MB): at d6, vocab 32768, 4096 tokens,
-# a CPU step took 9.2 / 8.7 / 9.4 s with 2^22 / 2^24 / 2^26 (smaller chunks redo the grad_w update
-# more often, bigger ones fall out of cache).
-LOSS_CHUNK_ELEMENTS = 2 ** 24
+# Logit elements per chunk of the fused loss. CPU, 2^24 fp32 = 64 MB: at d6, vocab 32768, 4096 tokens
+# a step took 9.2 / 8.7 / 9.4 s with 2^22 / 2^24 / 2^26 (smaller chunks redo the grad_w update more
+# often, bigger ones fall out of cache). GPUs: 2^28 (1 GiB), few chunks so few kernel launches and
+# grad_w passes (not yet measured on a GPU).
+LOSS_CHUNK_ELEMENTS = {"cpu": 2 ** 24}
+LOSS_CHUNK_ELEMENTS_ACCELERATOR = 2 ** 28
 
 
 @dataclass
@@ -104,15 +106,17 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         w = weight[:vocab_size].to(x.dtype)
         valid = targets >= 0
         safe_targets = targets.clamp(min=0)[:, None]
-        want_grad = grad_enabled and any(ctx.needs_input_grad[:2])
+        grad_x_needed, grad_w_needed = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
+        want_grad = grad_x_needed or grad_w_needed
         if reduction not in ("mean", "sum") and want_grad:
             raise ValueError("the fused loss computes gradients only for reduction 'mean' or 'sum'")
         count = valid.sum().clamp(min=1) if reduction == "mean" else 1
         row_scale = valid.float() / count
         losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if want_grad else None
-        grad_w = torch.zeros_like(weight) if want_grad else None
-        rows = max(1, LOSS_CHUNK_ELEMENTS // vocab_size)
+        grad_x = torch.empty_like(x) if grad_x_needed else None
+        grad_w = torch.zeros_like(weight) if grad_w_needed else None  # e.g. a frozen GPT under a trained projector
+        budget = LOSS_CHUNK_ELEMENTS.get(x.device.type, LOSS_CHUNK_ELEMENTS_ACCELERATOR)
+        rows = max(1, budget // vocab_size)
         for start in range(0, x.size(0), rows):
             chunk = slice(start, start + rows)
             # tanh(logits / 15) in place, through the sigmoid identity (see softcap)
@@ -127,15 +131,18 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
             probs.div_(total[:, None]).scatter_add_(1, safe_targets[chunk], -torch.ones_like(picked)[:, None])
             probs.mul_(capped.square_().sub_(1)).mul_(-row_scale[chunk, None])
             grad = probs.to(x.dtype)
-            torch.mm(grad, w, out=grad_x[chunk])
-            grad_w[:vocab_size] += (grad.t() @ x[chunk]).float()
+            if grad_x_needed:
+                torch.mm(grad, w, out=grad_x[chunk])
+            if grad_w_needed:
+                grad_w[:vocab_size] += (grad.t() @ x[chunk]).float()
         ctx.save_for_backward(grad_x, grad_w)
         return losses if reduction == "none" else losses.sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None, None, None
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_x, grad_w)]
+        return *scaled, None, None, None, None
 
 
 class CausalSelfAttention(nn.Module):
