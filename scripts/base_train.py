@@ -270,6 +270,7 @@ def main(argv=None):
         last = done == num_iterations
         if args.eval_every > 0 and (done % args.eval_every == 0 or last):
             val_bpb = evaluate(done)
+            peak, _ = peak_flops(device, COMPUTE_DTYPE)  # a measured peak only ever rises (see mfu.py)
         if args.sample_every > 0 and rank == 0 and (done % args.sample_every == 0 or last):
             sample()
         if last or (args.save_every > 0 and done % args.save_every == 0):
