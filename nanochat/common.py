@@ -78,8 +78,11 @@ class Linear(nn.Linear):
 
     def _weight_in_out(self, dtype):
         """The weight as a contiguous (in, out) copy for CPU decoding, rebuilt whenever the weight
-        changes (an optimizer step or a load bumps its version). It costs the weight's memory again."""
-        key = (self.weight._version, self.weight.data_ptr(), dtype)
+        changes (an optimizer step or a load bumps its version). It costs the weight's memory again.
+        A weight created under inference_mode has no version counter: it can only change inside
+        inference_mode, which nothing here does once the model is built."""
+        version = None if self.weight.is_inference() else self.weight._version
+        key = (version, self.weight.data_ptr(), dtype)
         if getattr(self, "_in_out_key", None) != key:
             with torch.inference_mode(False):
                 self._in_out = self.weight.detach().to(dtype).t().contiguous()

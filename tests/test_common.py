@@ -47,6 +47,22 @@ def test_linear_keeps_fp32_master_and_follows_activation_dtype():
     torch.testing.assert_close(lin(x.float()), x.float() @ lin.weight.T)
 
 
+def test_linear_decode_path_follows_weight_updates():
+    """1-2 row inputs without grad on CPU use a cached (in, out) weight copy; it must track in-place
+    updates (optimizer steps, loads) and work on weights made under inference_mode."""
+    lin = Linear(8, 4)
+    x = torch.randn(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), x @ lin.weight.T)
+        lin.weight.add_(1.0)
+        torch.testing.assert_close(lin(x), x @ lin.weight.T)
+        lin.load_state_dict({"weight": torch.randn(4, 8)})
+        torch.testing.assert_close(lin(x), x @ lin.weight.T)
+    with torch.inference_mode():
+        made_here = Linear(8, 4)
+        torch.testing.assert_close(made_here(x), x @ made_here.weight.T)
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "sub" / "file.bin"
     with atomic_write(path) as f:
