@@ -264,7 +264,7 @@ def train(args):
         origin, enc_meta = meta["origin"], meta["encoder"]
     else:
         # Rank 0 alone fetches or converts the Whisper weights: under torch.distributed, transformers'
-        # save_pretrained writes no files on other ranks, so a conversion there would be left empty.
+        # save_pretrained writes no files on other ranks, so a conversion there fails (import_ct2).
         if ddp and rank != 0:
             dist.barrier()
         model, origin, enc_meta = build_start_model(args, device)
