@@ -88,8 +88,13 @@ def checkpoint_dir_for(source, model_tag=None):
 
 def build_model(checkpoint_dir, step=None, device="cpu", phase="eval"):
     """A GPT restored from a checkpoint: (model, meta). phase 'eval' or 'train' sets the mode."""
-    from nanochat.gpt import GPT, GPTConfig
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    return gpt_from_state(model_state, meta, device, phase), meta
+
+
+def gpt_from_state(model_state, meta, device="cpu", phase="eval"):
+    """The GPT of a loaded checkpoint (load_checkpoint's model_state and meta)."""
+    from nanochat.gpt import GPT, GPTConfig
     config = GPTConfig(**meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)
@@ -97,7 +102,7 @@ def build_model(checkpoint_dir, step=None, device="cpu", phase="eval"):
     model.init_weights()  # also computes the (non-persistent) rotary tables
     model.load_state_dict(model_state["gpt"], strict=True)
     model.train(phase == "train")
-    return model, meta
+    return model
 
 
 def load_model(source, device="cpu", phase="eval", model_tag=None, step=None):

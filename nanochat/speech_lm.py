@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.audio import AudioPath
-from nanochat.checkpoint import build_model, checkpoint_dir_for, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import checkpoint_dir_for, gpt_from_state, load_checkpoint, save_checkpoint
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.feature_cache import audio_hash, encode_with_cache
 
@@ -132,11 +132,10 @@ def load_speech_lm(checkpoint_dir, step=None, device="cpu", phase="eval"):
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"no audio checkpoint directory {checkpoint_dir}: train one with "
                                 f"`python -m scripts.audio_train`")
-    # build_model reads the model file for the GPT; the projector is read from the same step here.
-    gpt, meta = build_model(checkpoint_dir, step, device, phase)
+    model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
     if "encoder" not in meta:
         raise ValueError(f"{checkpoint_dir} is a text checkpoint (no encoder in its meta), not an audio one")
-    model_state, _, _ = load_checkpoint(checkpoint_dir, meta["step"], device)
+    gpt = gpt_from_state(model_state, meta, device, phase)
     model = SpeechLM(gpt, build_audio_path(gpt.config.n_embd, meta["encoder"]).to(device))
     model.load_state_dicts(model_state)
     model.train(phase == "train")
