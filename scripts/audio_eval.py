@@ -8,8 +8,8 @@
   typed minus spoken), overall and per question kind;
 - continuation: WER of the continued sentence against the real rest of it (a fluency signal only:
   many continuations are right without matching).
-Replies are greedy. The table is printed and written to base_dir/report/audio_eval.md; the last
-line printed is one JSON object with every number.
+Replies are greedy. The table is printed and written to base_dir/report/audio_eval.md (other
+splits: audio_eval_<split>.md); the last line printed is one JSON object with every number.
 """
 
 import argparse
@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tag", default=None, help="audio checkpoint tag (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    p.add_argument("--split", default="test", choices=("val", "test"))
+    p.add_argument("--split", default="test", choices=("val", "test", "train"),
+                   help="train: the clips it learned from, to tell underfitting from not generalising")
     p.add_argument("--data-dir", default=None, help="speech shards (default base_dir/speech)")
     p.add_argument("--max-items", type=int, default=-1, help="per task (-1: all)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
@@ -136,7 +137,8 @@ def main(argv=None):
              f"{args.split} split of {data_dir}")
     report = markdown(results, examples, title)
     print(report)
-    path = os.path.join(get_base_dir(), "report", "audio_eval.md")
+    name = "audio_eval.md" if args.split == "test" else f"audio_eval_{args.split}.md"
+    path = os.path.join(get_base_dir(), "report", name)
     with atomic_write(path, "w") as f:
         f.write(report)
     summary = {"checkpoint": checkpoint_dir, "step": meta["step"], "split": args.split,

@@ -354,3 +354,13 @@ def test_audio_eval_reports_held_out_voices(world):
     assert summary["continuation"]["n"] == 1
     report = (root / "report" / "audio_eval.md").read_text()
     assert "modality gap" in report and f"{100 * t['wer']:.1f}%" in report
+
+
+def test_audio_eval_on_the_training_clips(world):
+    from scripts.audio_eval import main
+    from nanochat.speech_data import VOICES
+    root, _ = world
+    summary = main(["--tag", "s1", "--device-type", "cpu", "--max-tokens", "8", "--split", "train", "--max-items", "2"])
+    train_voices = {v.id for v in VOICES if v.split == "train"}
+    assert summary["transcription"]["n"] == 2 and set(summary["transcription"]["wer_by_voice"]) <= train_voices
+    assert (root / "report" / "audio_eval_train.md").exists()
