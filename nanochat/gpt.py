@@ -29,7 +29,7 @@ VOCAB_PAD = 64
 # a step took 9.2 / 8.7 / 9.4 s with 2^22 / 2^24 / 2^26 (smaller chunks redo the grad_w update more
 # often, bigger ones fall out of cache). GPUs: 2^28 (1 GiB), few chunks so few kernel launches and
 # grad_w passes (not yet measured on a GPU).
-LOSS_CHUNK_ELEMENTS = {"cpu": 2 ** 24}
+LOSS_CHUNK_ELEMENTS_CPU = 2 ** 24
 LOSS_CHUNK_ELEMENTS_ACCELERATOR = 2 ** 28
 
 
@@ -115,7 +115,7 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if grad_x_needed else None
         grad_w = torch.zeros_like(weight) if grad_w_needed else None  # e.g. a frozen GPT under a trained projector
-        budget = LOSS_CHUNK_ELEMENTS.get(x.device.type, LOSS_CHUNK_ELEMENTS_ACCELERATOR)
+        budget = LOSS_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else LOSS_CHUNK_ELEMENTS_ACCELERATOR
         rows = max(1, budget // vocab_size)
         for start in range(0, x.size(0), rows):
             chunk = slice(start, start + rows)

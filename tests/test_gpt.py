@@ -90,7 +90,7 @@ def test_softcap_equals_tanh_form():
 def test_fused_loss_matches_logits_and_autograd(small_model, monkeypatch, reduction):
     """The chunked loss with in-pass gradients vs cross-entropy on the model's own logits with
     autograd: same loss, same gradient for every parameter, over several chunks."""
-    monkeypatch.setitem(gpt_module.LOSS_CHUNK_ELEMENTS, "cpu", 37 * small_model.config.vocab_size)
+    monkeypatch.setattr(gpt_module, "LOSS_CHUNK_ELEMENTS_CPU", 37 * small_model.config.vocab_size)
     idx, targets = tokens(3, 50), tokens(3, 50, seed=1)
     targets[:, ::4] = -1
 
