@@ -28,3 +28,18 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     if total_bytes.item() == 0:
         raise ValueError("evaluate_bpb saw no byte-bearing targets")
     return total_nats.item() / (math.log(2) * total_bytes.item())
+
+
+@torch.no_grad()
+def evaluate_copy(model, passages, bos_id):
+    """In-context copying, the skill of induction heads (Olsson et al. 2022, "In-context Learning and
+    Induction Heads"): each passage (B, L) is shown twice after BOS. Returns the mean next-token loss
+    in nats over the first copy and over the second, each without its first token (the one
+    predicted across the seam). A model that copies scores near 0 on the second copy; one that
+    cannot scores the same twice. Reading speech aloud is copying from the audio prefix, so a base
+    that cannot copy text has that to learn first."""
+    B, L = passages.shape
+    bos = torch.full((B, 1), bos_id, dtype=passages.dtype, device=passages.device)
+    x = torch.cat([bos, passages, passages], dim=1)
+    losses = model(x[:, :-1], x[:, 1:], loss_reduction="none").view(B, 2 * L)
+    return losses[:, 1:L].mean().item(), losses[:, L + 1:].mean().item()

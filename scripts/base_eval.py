@@ -1,4 +1,4 @@
-"""Evaluate a base checkpoint: validation bits per byte and a few greedy samples.
+"""Evaluate a base checkpoint: validation bits per byte, in-context copying and a few greedy samples.
 
     python -m scripts.base_eval [--model-tag d4] [--step N] [--eval-tokens 524288]
 
@@ -16,9 +16,11 @@ from nanochat.checkpoint import checkpoint_dir_for, load_model
 from nanochat.common import atomic_write, compute_init, get_base_dir, print0, setup_logging
 from nanochat.dataloader import tokenizing_distributed_data_loader_bestfit
 from nanochat.engine import Engine
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import evaluate_bpb, evaluate_copy
 from nanochat.tokenizer import get_token_bytes
 from scripts.base_train import SAMPLE_PROMPTS
+
+COPY_TOKENS = 64  # half of the shortest sliding window (128), so every layer sees the first copy
 
 
 def main(argv=None):
@@ -37,6 +39,10 @@ def main(argv=None):
     loader = tokenizing_distributed_data_loader_bestfit(tokenizer, args.device_batch_size, T, "val", device=device)
     steps = max(1, args.eval_tokens // (args.device_batch_size * T * world_size))
     bpb = evaluate_bpb(model, loader, steps, get_token_bytes(tokenizer, device=device))
+    # The first COPY_TOKENS tokens after BOS of one fresh val batch, each row shown twice.
+    passages = next(tokenizing_distributed_data_loader_bestfit(
+        tokenizer, args.device_batch_size, T, "val", device=device))[0][:, 1:COPY_TOKENS + 1]
+    copy_first, copy_second = evaluate_copy(model, passages, tokenizer.get_bos_token_id())
 
     engine = Engine(model, tokenizer)
     prompts = [tokenizer.encode(p, prepend="<|bos|>") for p in SAMPLE_PROMPTS]
@@ -46,13 +52,15 @@ def main(argv=None):
     source = checkpoint_dir_for("base", args.model_tag)
     lines = ["# Base model evaluation", "", f"checkpoint: `{source}` step {meta['step']}", "",
              f"validation bits per byte: **{bpb:.4f}** ({steps * args.device_batch_size * T * world_size:,} tokens)",
+             "", f"in-context copying: loss {copy_first:.2f} nats on a {COPY_TOKENS}-token val passage, "
+             f"{copy_second:.2f} on its repeat (near 0 when the model copies)",
              "", "## Greedy samples", ""] + [f"- `{s!r}`" for s in samples]
     if rank == 0:
         for s in samples:
             print0(repr(s))
         with atomic_write(os.path.join(get_base_dir(), "report", "base_eval.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
-    result = dict(val_bpb=bpb, step=meta["step"], checkpoint=source)
+    result = dict(val_bpb=bpb, copy_loss_first=copy_first, copy_loss_second=copy_second, step=meta["step"], checkpoint=source)
     print0(json.dumps(result))
     return result
 

@@ -11,7 +11,7 @@ import torch
 from nanochat.checkpoint import build_model, last_step, load_checkpoint
 from nanochat.dataset import build, parquets_iter_batched
 from nanochat.tokenizer import Tokenizer
-from scripts import base_train
+from scripts import base_eval, base_train
 
 STEPS = 32
 ARGS = ["--depth", "2", "--head-dim", "64", "--max-seq-len", "128", "--device-batch-size", "4",
@@ -45,6 +45,11 @@ def test_train_kill_resume_matches_uninterrupted(base_dir, capsys):
     assert len(full_losses) == STEPS
     assert full_losses[-1] < full_losses[0] - 0.4, full_losses
     assert full["val_bpb"] is not None and full["val_bpb"] < 4.0
+    # base_eval on the same checkpoint and the same val batches reproduces the trainer's last val bpb.
+    evaluated = base_eval.main(["--model-tag", "full", "--device-batch-size", "4", "--eval-tokens", "2048",
+                                "--max-tokens", "4", "--device-type", "cpu"])
+    assert evaluated["val_bpb"] == pytest.approx(full["val_bpb"], abs=1e-6)
+    assert evaluated["copy_loss_first"] > 0 and evaluated["copy_loss_second"] > 0
 
     # A run that dies right after its step-16 checkpoint (every later step is lost) ...
     base_train.main(ARGS + ["--model-tag", "killed", "--save-every", "8", "--stop-at-step", "18"])
