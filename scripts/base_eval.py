@@ -60,7 +60,8 @@ def main(argv=None):
             print0(repr(s))
         with atomic_write(os.path.join(get_base_dir(), "report", "base_eval.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
-    result = dict(val_bpb=bpb, copy_loss_first=copy_first, copy_loss_second=copy_second, step=meta["step"], checkpoint=source)
+    result = dict(val_bpb=bpb, copy_loss_first=copy_first, copy_loss_second=copy_second,
+                  step=meta["step"], checkpoint=source)
     print0(json.dumps(result))
     return result
 
