@@ -2,8 +2,9 @@
 
 Each distinct prompt (with its audio, if any) is prefilled once at batch 1 and copied into as many
 cache rows as it has samples; then all rows decode together, one token per step, each row at its
-own position. So prompts of different lengths, and clips of different lengths, share one batch
-without padding, and every row computes exactly what a full forward over it would.
+own position, and a row that finishes leaves the batch. So prompts of different lengths, and clips
+of different lengths, share one batch without padding, and every row computes exactly what a full
+forward over it would.
 """
 
 import argparse
@@ -74,6 +75,14 @@ class KVCache:
                 self.smear_prev = torch.zeros(self.k.size(1), 1, other.smear_prev.size(-1),
                                               dtype=other.smear_prev.dtype, device=self.k.device)
             self.smear_prev[rows] = other.smear_prev
+
+    def keep(self, rows):
+        """Keep only the cache rows `rows` (indices, in the order given), e.g. the unfinished ones."""
+        index = torch.tensor(rows, device=self.k.device)
+        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        self.lengths = self.lengths[rows]
+        if self.smear_prev is not None:
+            self.smear_prev = self.smear_prev.index_select(0, index)
 
 
 # ---------------------------------------------------------------------------
@@ -164,10 +173,15 @@ def use_calculator(expression):
 
 @dataclass
 class _Row:
-    """Per-row decoding state: tokens to force (tool output), the open python block, done or not."""
+    """Per-row decoding state: tokens to force (tool output), the open python block, and the stop
+    token that finished the row (None while it runs)."""
     forced: deque = field(default_factory=deque)
     python_tokens: list = None
-    completed: bool = False
+    stop_token: int = None
+
+    @property
+    def completed(self):
+        return self.stop_token is not None
 
 
 class Engine:
@@ -200,7 +214,8 @@ class Engine:
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
                  seed=42, audio_features=None):
         """Stream (token_column, token_masks): one token per row per step, mask 1 if sampled and
-        0 if forced by the calculator tool.
+        0 if forced by the calculator tool. A finished row repeats its stop token (mask 0) and
+        leaves the batch: the rows still running decode without it.
 
         tokens: one prompt (list of ints) or several (list of lists); rows are prompt-major, each
         prompt repeated num_samples times. audio_features: None, one (1, T_a, n_embd) tensor for
@@ -228,28 +243,32 @@ class Engine:
 
         generator = torch.Generator(device=device).manual_seed(seed)
         rows = [_Row() for _ in range(logits.size(0))]
+        running = list(range(len(rows)))  # the rows in the cache and in logits, in that order
         for _ in range(max_tokens):
             sampled = sample_next_token(logits, generator, temperature, top_k, top_p).tolist()
-            column, masks = [], []
-            for row, token in zip(rows, sampled):
-                forced = bool(row.forced)
-                if forced:
+            column, masks = [row.stop_token for row in rows], [0] * len(rows)
+            for r, token in zip(running, sampled):
+                row = rows[r]
+                if row.forced:
                     token = row.forced.popleft()
-                column.append(token)
-                masks.append(0 if forced else 1)
+                else:
+                    masks[r] = 1
+                column[r] = token
                 self._observe(row, token)
             yield column, masks
-            if all(row.completed for row in rows):
+            still = [i for i, r in enumerate(running) if not rows[r].completed]
+            if not still:
                 return
-            ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]
+            if len(still) < len(running):
+                cache.keep(still)
+                running = [running[i] for i in still]
+            ids = torch.tensor([column[r] for r in running], dtype=torch.long, device=device)[:, None]
             logits = model(ids, kv_cache=cache)[:, -1]
 
     def _observe(self, row, token):
         """Track stop tokens and run the calculator when a python block closes."""
-        if row.completed:
-            return
         if token in self.stop_tokens:
-            row.completed = True
+            row.stop_token = token
         elif token == self.python_start:
             row.python_tokens = []
         elif token == self.python_end and row.python_tokens is not None:
@@ -279,8 +298,6 @@ class Engine:
                     continue
                 sequences[i].append(token)
                 masks[i].append(mask)
-            if all(done):
-                break
         return sequences, masks
 
 

@@ -79,6 +79,33 @@ def test_audio_prompts_of_different_lengths(engine, model, tokenizer):
     assert batched[0] != batched[1]
 
 
+def test_finished_rows_leave_the_batch(model, tokenizer):
+    """A row that stops early leaves the cache; the others decode exactly as they would alone."""
+    prompts = [prompt_of(tokenizer, t) for t in ("x", "import os", "for i in range(10):", "class Foo:")]
+    engine = Engine(model, tokenizer)
+    free = [run(engine, p, max_tokens=25, temperature=0)[0] for p in prompts]
+    # A token that row 0 emits early but some other row never does within the budget: make it the stop.
+    stop = next(t for t in free[0][1:] if any(t not in row for row in free[1:]))
+    engine.stop_tokens = {stop}
+    alone = [run(engine, p, max_tokens=25, temperature=0)[0] for p in prompts]
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].size(0)))
+    try:
+        columns = list(engine.generate(prompts, max_tokens=25, temperature=0))
+    finally:
+        hook.remove()
+    for i, expected in enumerate(alone):
+        tokens = [column[i] for column, _ in columns]
+        masks = [m[i] for _, m in columns]
+        assert tokens[:len(expected)] == expected
+        assert tokens[len(expected):] == [stop] * (len(tokens) - len(expected))  # a finished row repeats its stop
+        assert masks == [1] * len(expected) + [0] * (len(tokens) - len(expected))
+    assert len(alone[0]) < len(columns)
+    decode_sizes = batch_sizes[len(prompts):]  # after the batch-1 prefills
+    assert decode_sizes[0] == len(prompts) and decode_sizes[-1] < len(prompts)
+    assert decode_sizes == sorted(decode_sizes, reverse=True)
+
+
 def test_generate_batch_stops_and_strips(engine, tokenizer):
     prompt = prompt_of(tokenizer, "while True:")
     sequences, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=1.0, seed=3)
