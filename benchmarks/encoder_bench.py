@@ -17,7 +17,8 @@ import ctranslate2
 import numpy as np
 import torch
 
-from nanochat.audio import OFFLINE_CHECKPOINTS, WhisperEncoder, offline_checkpoint_files
+from benchmarks.ct2_whisper import ct2_model
+from nanochat.audio import OFFLINE_CHECKPOINTS, WhisperEncoder
 
 
 def timed(fn, reps):
@@ -29,14 +30,6 @@ def timed(fn, reps):
         fn()
         times.append(time.perf_counter() - t0)
     return min(times), statistics.median(times)
-
-
-def ct2_model(hf_id, threads):
-    """CTranslate2's Whisper on the same weights: the offline checkpoint, its parts joined in memory."""
-    files = offline_checkpoint_files(hf_id)
-    blobs = {"model.bin": b"".join(p.read_bytes() for p in files)}
-    blobs.update({name: (files[0].parent / name).read_bytes() for name in ("config.json", "vocabulary.txt")})
-    return ctranslate2.models.Whisper(hf_id, files=blobs, compute_type="float32", intra_threads=threads)
 
 
 def main():

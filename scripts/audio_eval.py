@@ -49,6 +49,18 @@ def pooled_wer(pairs):
     return sum(word_error_rate(r, h) * n for (r, h), n in zip(pairs, words)) / max(1, sum(words))
 
 
+def transcription_scores(rows, references, replies):
+    """Pooled WER of transcription replies: over every clip, over the read sentences alone (the
+    other clips are questions) and per voice."""
+    by_voice = defaultdict(list)
+    for row, ref, reply in zip(rows, references, replies):
+        by_voice[f"{row['engine']}:{row['voice']}"].append((ref, reply))
+    sentences = [(ref, reply) for row, ref, reply in zip(rows, references, replies) if row["task"] == "transcribe"]
+    return {"n": len(references), "wer": pooled_wer(list(zip(references, replies))),
+            "wer_sentences": pooled_wer(sentences) if sentences else None,
+            "wer_by_voice": {v: pooled_wer(p) for v, p in sorted(by_voice.items())}}
+
+
 def run_task(model, engine, tokenizer, cache, task, max_items, batch_size, max_tokens, typed=False):
     """(rows, conversations, replies) of the first max_items items of a task; typed: the text twins."""
     n = len(task) if max_items < 0 else min(max_items, len(task))
@@ -69,13 +81,7 @@ def evaluate(model, tokenizer, data_dir, split, max_items, batch_size, max_token
     rows, convs, replies = run_task(model, engine, tokenizer, cache, SpokenTranscription(data_dir, split),
                                     max_items, batch_size, max_tokens)
     refs = [answer(c) for c in convs]
-    by_voice = defaultdict(list)
-    for row, ref, reply in zip(rows, refs, replies):
-        by_voice[f"{row['engine']}:{row['voice']}"].append((ref, reply))
-    sentences = [(ref, reply) for row, ref, reply in zip(rows, refs, replies) if row["task"] == "transcribe"]
-    results["transcription"] = {"n": len(refs), "wer": pooled_wer(list(zip(refs, replies))),
-                                "wer_sentences": pooled_wer(sentences) if sentences else None,
-                                "wer_by_voice": {v: pooled_wer(p) for v, p in sorted(by_voice.items())}}
+    results["transcription"] = transcription_scores(rows, refs, replies)
     examples += [("transcription", r, h) for r, h in zip(refs[:3], replies[:3])]
 
     questions = SpokenQuestions(data_dir, split)

