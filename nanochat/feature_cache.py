@@ -6,8 +6,17 @@ per clip is the simplest layout that is fast at our scale (~10k clips): measured
 reading a 3 s clip's frames (150 x 512 fp16) takes ~0.2 ms and writing one ~8 ms (mostly the
 fsync of the atomic write), against ~10-40 ms to encode it. Every write is atomic on its own. The .npy header
 carries dtype and shape, so a truncated or foreign file is detected, logged and recomputed.
+
+The cache grows with every clip and encoder it sees (whisper-base: ~150 KB per 3 s clip). prune()
+keeps it under a size by deleting the least recently used entries (a hit refreshes an entry's
+modification time); `audio_train --cache-max-gb` prunes after its warm-up, and
+
+    python -m nanochat.feature_cache [--max-gb N]
+
+prints what the cache holds and, with --max-gb, prunes it. Deleting entries only costs a re-encode.
 """
 
+import argparse
 import hashlib
 import os
 
@@ -55,6 +64,7 @@ class FeatureCache:
             logger.warning("feature cache: corrupt entry %s (%s); recomputing it", path, problem)
             os.remove(path)
             return None
+        os.utime(path)  # a hit is a use: prune() deletes the least recently used entries first
         return torch.from_numpy(array)
 
     def put(self, audio_hash, cache_key, features):
@@ -65,6 +75,37 @@ class FeatureCache:
                              "they cannot be cached")
         with atomic_write(self.path(audio_hash, cache_key), "wb") as f:
             np.save(f, array, allow_pickle=False)
+
+    def entries(self):
+        """(last use, bytes, path) of every entry."""
+        found = []
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                if name.endswith(".npy"):
+                    path = os.path.join(directory, name)
+                    try:
+                        st = os.stat(path)
+                    except FileNotFoundError:  # pruned or recomputed by another process meanwhile
+                        continue
+                    found.append((st.st_mtime, st.st_size, path))
+        return found
+
+    def prune(self, max_bytes, keep_used_since=None):
+        """Delete the least recently used entries until the cache holds at most max_bytes, never
+        one used at or after the time.time() `keep_used_since` (a running job's clips). Returns
+        (entries deleted, bytes freed, bytes left)."""
+        entries = sorted(self.entries())
+        total = sum(size for _, size, _ in entries)
+        deleted = freed = 0
+        for used, size, path in entries:
+            if total - freed <= max_bytes or (keep_used_since is not None and used >= keep_used_since):
+                break
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            deleted, freed = deleted + 1, freed + size
+        return deleted, freed, total - freed
 
 
 @torch.no_grad()
@@ -95,3 +136,28 @@ def encode_with_cache(encoder, clips, cache, batch_size=16):
             bar.update(len(batch))
     logger.info("feature cache: %d hits, %d misses (%d distinct clips encoded)", hits, len(clips) - hits, len(misses))
     return [found[h] for h in hashes]
+
+
+def main(argv=None):
+    """Print the cache's size per encoder folder; with --max-gb, prune it to that size first."""
+    parser = argparse.ArgumentParser(description="Inspect or shrink the Whisper feature cache.")
+    parser.add_argument("--root", default=None, help="cache folder (default base_dir/feature_cache)")
+    parser.add_argument("--max-gb", type=float, default=None, help="delete least recently used entries beyond this")
+    args = parser.parse_args(argv)
+    cache = FeatureCache(args.root)
+    if args.max_gb is not None:
+        deleted, freed, _ = cache.prune(int(args.max_gb * 1e9))
+        print(f"deleted {deleted:,} least recently used entries ({freed / 1e9:.2f} GB)")
+    by_encoder = {}
+    for _, size, path in cache.entries():
+        key_dir = os.path.relpath(path, cache.root).split(os.sep)[0]
+        count, total = by_encoder.get(key_dir, (0, 0))
+        by_encoder[key_dir] = (count + 1, total + size)
+    for key_dir, (count, total) in sorted(by_encoder.items()):
+        print(f"{key_dir}: {count:,} entries, {total / 1e9:.2f} GB")
+    print(f"{cache.root}: {sum(c for c, _ in by_encoder.values()):,} entries, "
+          f"{sum(t for _, t in by_encoder.values()) / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

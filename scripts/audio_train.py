@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=2.0, help="horizon, unless --num-iterations is given")
     p.add_argument("--num-iterations", type=int, default=-1)
     p.add_argument("--seed", type=int, default=0, help="data order")
+    p.add_argument("--cache-max-gb", type=float, default=None,
+                   help="after the warm-up, delete least recently used feature-cache entries beyond this size "
+                        "(never this run's)")
     # optimisation
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW LR of the projector (and layer weights)")
     p.add_argument("--gpt-lr-scale", type=float, default=0.1, help="stage 2: GPT LRs = base_train's defaults x this")
@@ -302,11 +305,16 @@ def train(args):
            f"ranks), {num_iterations} steps, {len(val_items)} held-out for eval")
 
     cache = FeatureCache()
-    t0 = time.perf_counter()
+    t0, warm_start = time.perf_counter(), time.time()
     warm_cache(model, cache, items + val_items, rank, world_size)
     if ddp:
         dist.barrier()
     print0(f"feature cache ready in {time.perf_counter() - t0:.1f} s ({cache.root})")
+    if args.cache_max_gb is not None and rank == 0:
+        # Every clip of this run was read or written during the warm-up, which refreshed its time; the
+        # margin covers filesystems that store modification times in whole seconds (or two, FAT).
+        deleted, freed, left = cache.prune(int(args.cache_max_gb * 1e9), keep_used_since=warm_start - 2)
+        print0(f"feature cache pruned: {deleted:,} entries ({freed / 1e9:.2f} GB) deleted, {left / 1e9:.2f} GB left")
 
     start_step, loader_state, progress = 0, None, Progress(num_iterations)
     if args.resume:

@@ -203,6 +203,21 @@ def test_epochs_encode_each_clip_once(world):
     assert one.calls == four.calls == 2
 
 
+def test_cache_cap_deletes_old_entries_but_none_of_the_run(world):
+    root, _ = world
+    cache = FeatureCache()
+    cache.put("ab" * 32, "another-encoder", torch.ones(10, 4))
+    stale = cache.path("ab" * 32, "another-encoder")
+    os.utime(stale, (1, 1))  # unused for decades
+    run_train("--tag", "cap1", "--tasks", "transcribe", "--batch-size", "2", "--epochs", "1")
+    with ConvCounter() as encoder:
+        run_train("--tag", "cap2", "--tasks", "transcribe", "--batch-size", "2", "--epochs", "2",
+                  "--cache-max-gb", "0")
+    assert not os.path.exists(stale)
+    assert encoder.calls == 0  # every clip came from the cache, during and after the warm-up
+    assert len(cache.entries()) == len(tiny_items())
+
+
 def test_only_assistant_tokens_are_graded(world, tokenizer):
     from scripts.audio_train import make_examples
     model, _ = load_speech_lm(audio_checkpoint_dir("s1"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat.feature_cache import FeatureCache, audio_hash, encode_with_cache
+from nanochat.feature_cache import FeatureCache, audio_hash, encode_with_cache, main
 
 
 def test_audio_hash_is_sha256_of_float32_bytes():
@@ -41,6 +41,38 @@ def test_keys_are_separate(tmp_path):
     cache.put("ab" * 32, "enc-b", torch.zeros(5, 4))
     assert cache.get("ab" * 32, "enc-a").shape == (3, 4)
     assert cache.get("ab" * 32, "enc-b").shape == (5, 4)
+
+
+def filled_cache(root, n, shape=(100, 8)):
+    """A cache of n same-sized entries, entry i last used at time 1000 + i; (cache, hashes, entry bytes)."""
+    cache = FeatureCache(str(root))
+    hashes = [f"{i:02x}" * 32 for i in range(n)]
+    for i, h in enumerate(hashes):
+        cache.put(h, "enc", torch.randn(*shape))
+        os.utime(cache.path(h, "enc"), (1000 + i, 1000 + i))
+    return cache, hashes, os.path.getsize(cache.path(hashes[0], "enc"))
+
+
+def test_prune_deletes_the_least_recently_used(tmp_path):
+    cache, hashes, size = filled_cache(tmp_path, 4)
+    assert cache.get(hashes[0], "enc") is not None  # a hit makes the oldest entry the newest
+    assert cache.prune(2 * size) == (2, 2 * size, 2 * size)
+    assert [cache.get(h, "enc") is not None for h in hashes] == [True, False, False, True]
+    assert cache.prune(2 * size) == (0, 0, 2 * size)
+
+
+def test_prune_never_deletes_entries_used_since(tmp_path):
+    cache, hashes, size = filled_cache(tmp_path, 3)
+    assert cache.prune(0, keep_used_since=1001) == (1, size, 2 * size)
+    assert [os.path.exists(cache.path(h, "enc")) for h in hashes] == [False, True, True]
+
+
+def test_cli_prints_and_prunes(tmp_path, capsys):
+    _, hashes, size = filled_cache(tmp_path, 3)
+    main(["--root", str(tmp_path), "--max-gb", str(1.5 * size / 1e9)])
+    out = capsys.readouterr().out
+    assert "deleted 2 least recently used entries" in out
+    assert f"{tmp_path}: 1 entries" in out
 
 
 def test_fp16_overflow_is_refused(tmp_path):
