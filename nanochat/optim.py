@@ -26,6 +26,16 @@ from nanochat.common import COMPUTE_DTYPE
 # (scalars are tiny, embeddings and stacked block matrices have millions of elements).
 SHARD_THRESHOLD = 2**20
 
+# Gram iteration (gram_polar_express) for matrices at least this much wider than tall. Five steps
+# with the restart cost 4 m^2 n + 14 m^3 multiply-adds against 10 m^2 n + 5 m^3, less once
+# n > 1.5 m. Measured on one CPU thread, 6 stacked 384 x 1536 fp32 matrices: 233 vs 347 ms.
+GRAM_MIN_ASPECT = 1.5
+# The step at which the Gram iteration rebuilds X and R. Measured against a float64 reference on
+# gradient-like matrices (singular values 1 to 1e-4): without a restart the error grows from 3e-6
+# to 4e-5 in fp32 and the result blows up in bf16 (singular values ~50); with it, the error is the
+# plain iteration's (5e-6 fp32, 3e-2 bf16).
+GRAM_RESTART = 2
+
 # Hyperparameters a group may leave out (lr and kind are required). AdamW's are torch.optim.AdamW's
 # except weight decay; momentum 0.95 and 5 steps are the Muon defaults of Jordan et al. (2024).
 GROUP_DEFAULTS = {
@@ -90,10 +100,33 @@ def orthogonalize(G, steps=5, dtype=COMPUTE_DTYPE):
         X = X.mT  # iterate on the wide side so that X X^T is the smaller Gram matrix
     # Bring every singular value into (0, 1/1.01], as Algorithm 1 of the paper does.
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)
-    for a, b, c in polar_express_coefficients(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X  # p(X) = a X + b (X X^T) X + c (X X^T)^2 X
+    coefficients = polar_express_coefficients(steps)
+    if X.size(-1) >= GRAM_MIN_ASPECT * X.size(-2):
+        X = gram_polar_express(X, coefficients)
+    else:
+        for a, b, c in coefficients:
+            A = X @ X.mT
+            X = a * X + (b * A + c * (A @ A)) @ X  # p(X) = a X + b (X X^T) X + c (X X^T)^2 X
     return X.mT if tall else X
+
+
+def gram_polar_express(X, coefficients):
+    """The Polar Express iterations of a wide X (..., m, n) carried out on m x m matrices (Gram
+    Newton-Schulz, Dao AI Lab 2026): each step p(X) = P X with P = a I + b R + c R^2, R = X X^T, so
+    the steps multiply into one m x m factor Q while R follows as P R P, and X meets a matmul only
+    at the restart and at the end. In finite precision R drifts from (Q X)(Q X)^T (in bf16 it grows
+    spurious eigenvalues and the result blows up), so at step GRAM_RESTART X and R are rebuilt."""
+    R, Q = X @ X.mT, None
+    for i, (a, b, c) in enumerate(coefficients):
+        if i == GRAM_RESTART:
+            X = Q @ X
+            R, Q = X @ X.mT, None
+        P = b * R + c * (R @ R)
+        P.diagonal(dim1=-2, dim2=-1).add_(a)
+        Q = P if Q is None else P @ Q
+        if i + 1 not in (GRAM_RESTART, len(coefficients)):  # R is rebuilt or no longer needed
+            R = P @ R @ P
+    return Q @ X
 
 
 def muon_direction(grad, momentum_buffer, momentum, ns_steps):
