@@ -64,7 +64,10 @@ class FeatureCache:
             logger.warning("feature cache: corrupt entry %s (%s); recomputing it", path, problem)
             os.remove(path)
             return None
-        os.utime(path)  # a hit is a use: prune() deletes the least recently used entries first
+        try:
+            os.utime(path)  # a hit is a use: prune() deletes the least recently used entries first
+        except OSError:  # a read-only or another user's cache still serves hits
+            pass
         return torch.from_numpy(array)
 
     def put(self, audio_hash, cache_key, features):
