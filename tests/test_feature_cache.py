@@ -68,7 +68,7 @@ def test_prune_never_deletes_entries_used_since(tmp_path):
 
 
 def test_cli_prints_and_prunes(tmp_path, capsys):
-    _, hashes, size = filled_cache(tmp_path, 3)
+    _, _, size = filled_cache(tmp_path, 3)
     main(["--root", str(tmp_path), "--max-gb", str(1.5 * size / 1e9)])
     out = capsys.readouterr().out
     assert "deleted 2 least recently used entries" in out
