@@ -6,7 +6,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from transformers import WhisperFeatureExtractor
 
-from nanochat.audio import offline_checkpoint_files
+from nanochat.whisper_weights import offline_checkpoint_files
 
 # Decoder prompts for greedy transcription without timestamps (English-only models take no language
 # or task token).

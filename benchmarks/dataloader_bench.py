@@ -1,7 +1,7 @@
 """Pretraining packing: tokens thrown away by best fit with crop-shortest vs crop-first, against
 plain concatenation (nothing thrown away, but documents split across rows), and loader speed.
 
-    python -m nanochat.dataset build          # the offline corpus, if not built yet
+    python -m nanochat.corpus build           # the offline corpus, if not built yet
     python -m benchmarks.dataloader_bench [--max-docs 12000] [--threads 2]
 
 Uses the saved tokenizer (scripts.tok_train) or, without one, trains a 32k BPE on the first train

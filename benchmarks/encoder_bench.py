@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from benchmarks.ct2_whisper import ct2_model
-from nanochat.audio import OFFLINE_CHECKPOINTS, WhisperEncoder
+from nanochat.audio import WhisperEncoder
+from nanochat.whisper_weights import OFFLINE_CHECKPOINTS
 
 
 def timed(fn, reps):

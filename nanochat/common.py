@@ -1,6 +1,7 @@
 """Runtime shared by every module: device and distributed setup, the compute dtype policy,
 the master-weight Linear, the base directory, logging and atomic file writes."""
 
+import functools
 import logging
 import os
 import tempfile
@@ -35,16 +36,34 @@ def print0(*args, **kwargs):
 # Compute dtype policy
 
 
-def _detect_compute_dtype():
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def _dtype_from_env():
+    """(dtype, reason) from NANOCHAT_DTYPE, or None when it is unset. Read at import, so a bad value
+    fails at once, before any work."""
     env = os.environ.get("NANOCHAT_DTYPE")
-    if env:
-        table = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-        if env not in table:
-            raise ValueError(f"NANOCHAT_DTYPE={env!r}: expected one of {sorted(table)}")
-        if env == "float16":
-            warnings.warn("NANOCHAT_DTYPE=float16: fp16 overflows without a grad scaler, which "
-                          "nanochat does not use; prefer bfloat16 or float32")
-        return table[env], f"NANOCHAT_DTYPE={env}"
+    if not env:
+        return None
+    if env not in _DTYPES:
+        raise ValueError(f"NANOCHAT_DTYPE={env!r}: expected one of {sorted(_DTYPES)}")
+    if env == "float16":
+        warnings.warn("NANOCHAT_DTYPE=float16: fp16 overflows without a grad scaler, which "
+                      "nanochat does not use; prefer bfloat16 or float32")
+    return _DTYPES[env], f"NANOCHAT_DTYPE={env}"
+
+
+_ENV_DTYPE = _dtype_from_env()
+
+
+@functools.cache
+def compute_dtype_and_reason():
+    """(the activation dtype of every model, why): NANOCHAT_DTYPE if set, else bf16 on CUDA with
+    compute capability >= 8.0, else fp32. Decided on first call, not at import: asking a CUDA
+    device for its capability initialises CUDA, which a process that forks workers must not do
+    before forking."""
+    if _ENV_DTYPE is not None:
+        return _ENV_DTYPE
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         if major >= 8:
@@ -53,7 +72,18 @@ def _detect_compute_dtype():
     return torch.float32, "no CUDA device: fp32 on CPU/MPS (set NANOCHAT_DTYPE to override)"
 
 
-COMPUTE_DTYPE, COMPUTE_DTYPE_REASON = _detect_compute_dtype()
+def compute_dtype():
+    """The activation dtype of every model (see compute_dtype_and_reason)."""
+    return compute_dtype_and_reason()[0]
+
+
+def __getattr__(name):
+    # `from nanochat.common import COMPUTE_DTYPE` still works; the probe runs when it is first read.
+    if name == "COMPUTE_DTYPE":
+        return compute_dtype()
+    if name == "COMPUTE_DTYPE_REASON":
+        return compute_dtype_and_reason()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Decoding multiplies 1-2 rows by each weight. On CPU, x @ W_t with W_t an (in, out) contiguous copy
@@ -141,8 +171,7 @@ def compute_init(device_type=None, seed=42):
     else:
         device = torch.device(device_type)
     if rank == 0:
-        logger.info("device %s, world size %d, compute dtype %s (%s)",
-                    device, world_size, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
+        logger.info("device %s, world size %d, compute dtype %s (%s)", device, world_size, *compute_dtype_and_reason())
     return ddp, rank, local_rank, world_size, device
 
 

@@ -316,7 +316,7 @@ def _smoke_model_and_tokenizer(device):
         tokenizer = get_tokenizer()
     except FileNotFoundError:
         from itertools import islice
-        from nanochat.dataset import stdlib_docs
+        from nanochat.corpus import stdlib_docs
         tokenizer = Tokenizer.train_from_iterator(islice(stdlib_docs(), 200), vocab_size=2048)
     with torch.device("meta"):
         model = GPT(config_for_depth(2, vocab_size=tokenizer.get_vocab_size(), sequence_len=512, head_dim=64))

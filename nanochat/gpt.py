@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.attention import attention, attention_with_cache
-from nanochat.common import COMPUTE_DTYPE, Linear
+from nanochat.common import Linear, compute_dtype
 
 ROTARY_BASE = 100_000
 ROTARY_OVERALLOC = 10      # rotary tables cover 10x sequence_len
@@ -249,7 +249,7 @@ class GPT(nn.Module):
         cos, sin = self._rotary_tables(self.cos.size(0), self.cos.size(1) * 2, self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
-        if COMPUTE_DTYPE == torch.bfloat16:
+        if compute_dtype() == torch.bfloat16:
             # Embeddings are looked up, not multiplied: storing them in bf16 halves their memory.
             self.wte.to(dtype=torch.bfloat16)
             for ve in self.value_embeds.values():

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from nanochat.common import COMPUTE_DTYPE
+from nanochat.common import compute_dtype
 
 # Sharding pays once the optimizer work it saves outweighs one extra collective launch. A
 # reduce-scatter plus an all-gather move the same bytes as one ring all-reduce; what sharding
@@ -91,10 +91,11 @@ def polar_express_coefficients(steps, ell=1e-3, cushion=0.02407327424182761, saf
     return tuple(coefficients)
 
 
-def orthogonalize(G, steps=5, dtype=COMPUTE_DTYPE):
+def orthogonalize(G, steps=5, dtype=None):
     """Approximate polar factor U V^T (from the SVD G = U S V^T) of a matrix or a stack of
-    matrices (..., rows, cols), by `steps` Polar Express iterations computed in `dtype`."""
-    X = G.to(dtype)
+    matrices (..., rows, cols), by `steps` Polar Express iterations computed in `dtype` (default:
+    the compute dtype)."""
+    X = G.to(dtype or compute_dtype())
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT  # iterate on the wide side so that X X^T is the smaller Gram matrix

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from nanochat.audio import AudioPath
 from nanochat.checkpoint import checkpoint_dir_for, gpt_from_state, load_checkpoint, save_checkpoint
-from nanochat.common import COMPUTE_DTYPE
+from nanochat.common import compute_dtype
 from nanochat.feature_cache import audio_hash, encode_with_cache
 
 
@@ -61,7 +61,7 @@ class SpeechLM(nn.Module):
     def soft_tokens(self, frames, lengths):
         """Cached encoder frames (B, T, ...) right-padded with zeros, valid frames (B,) ->
         (soft tokens (B, T_a, n_embd) left-padded, valid tokens (B,))."""
-        hidden = self.encoder.mix(frames.to(COMPUTE_DTYPE))
+        hidden = self.encoder.mix(frames.to(compute_dtype()))
         tokens, lengths = self.projector(hidden, lengths)
         return left_align(tokens, lengths), lengths
 

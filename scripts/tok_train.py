@@ -24,8 +24,8 @@ SAMPLES = [
 
 
 def input_documents(folders):
-    """Documents of user folders of .txt/.jsonl/.parquet files, read as nanochat.dataset reads them."""
-    from nanochat.dataset import input_docs
+    """Documents of user folders of .txt/.jsonl/.parquet files, read as nanochat.corpus reads them."""
+    from nanochat.corpus import input_docs
     try:
         for folder in folders:
             yield from input_docs(folder)

