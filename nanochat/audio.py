@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from nanochat.common import Linear, compute_dtype, logger
 from nanochat.whisper_weights import resolve_weights, sha256_file
 
+SAMPLE_RATE = 16000  # Hz: what Whisper's feature extractor expects; clips are stored and cached at this rate
 SILENCE_PEAK = 1e-4  # -80 dBFS: below ~3 steps of 16-bit quantisation, i.e. digital silence
 
 # ---------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def _to_clips(audio, sampling_rate):
         if not isinstance(item, np.ndarray):
             raise TypeError(f"audio clip {i}: expected a path, numpy array or tensor, got {type(item).__name__}")
         if rate is None:
-            raise ValueError(f"audio clip {i}: an array needs its sampling_rate, e.g. preprocess(x, sampling_rate=16000)")
+            raise ValueError(f"audio clip {i}: an array needs its sampling_rate, e.g. preprocess(x, sampling_rate={SAMPLE_RATE})")
         clips.append((f"audio clip {i}", item, int(rate)))
     return clips
 

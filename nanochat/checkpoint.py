@@ -94,12 +94,8 @@ def build_model(checkpoint_dir, step=None, device="cpu", phase="eval"):
 
 def gpt_from_state(model_state, meta, device="cpu", phase="eval"):
     """The GPT of a loaded checkpoint (load_checkpoint's model_state and meta)."""
-    from nanochat.gpt import GPT, GPTConfig
-    config = GPTConfig(**meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # also computes the (non-persistent) rotary tables
+    from nanochat.gpt import GPTConfig, build_gpt
+    model = build_gpt(GPTConfig(**meta["model_config"]), device)  # init_weights computes the rotary tables
     model.load_state_dict(model_state["gpt"], strict=True)
     model.train(phase == "train")
     return model

@@ -240,6 +240,19 @@ def stdlib_docs(max_chars=MAX_DOC_CHARS):
         yield from split_document(_read_text(path), max_chars)
 
 
+def stdlib_text(max_chars=400_000):
+    """Whole top-level standard library modules, in name order, until max_chars: real text that is
+    always installed, for a quick tokenizer (tests, benchmarks, a first run with no corpus)."""
+    root = sysconfig.get_paths()["stdlib"]
+    chunks, total = [], 0
+    for path in sorted(glob.glob(os.path.join(root, "*.py"))):
+        chunks.append(_read_text(path))
+        total += len(chunks[-1])
+        if total >= max_chars:
+            break
+    return chunks
+
+
 def input_docs(folder, max_chars=MAX_DOC_CHARS):
     """A user folder: .txt files (cut at paragraph breaks), .jsonl (a `text` field per line) and
     .parquet (a `text` column) as they are."""

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanochat.audio import SAMPLE_RATE
 from nanochat.common import atomic_write, get_base_dir, logger
-
-SAMPLE_RATE = 16000
 
 
 def audio_hash(samples):
@@ -62,7 +61,10 @@ class FeatureCache:
             problem = str(e)
         if problem is not None:
             logger.warning("feature cache: corrupt entry %s (%s); recomputing it", path, problem)
-            os.remove(path)
+            try:
+                os.remove(path)
+            except OSError:  # removed by another process meanwhile, or a cache this process cannot write
+                pass
             return None
         try:
             os.utime(path)  # a hit is a use: prune() deletes the least recently used entries first
@@ -137,7 +139,9 @@ def encode_with_cache(encoder, clips, cache, batch_size=16):
                 found[h] = frames[:n].to("cpu", torch.float16)
                 cache.put(h, key, found[h])
             bar.update(len(batch))
-    logger.info("feature cache: %d hits, %d misses (%d distinct clips encoded)", hits, len(clips) - hits, len(misses))
+    if misses:  # a training step reads its batch through here: all hits are not news
+        logger.info("feature cache: %d hits, %d misses (%d distinct clips encoded)", hits, len(clips) - hits,
+                    len(misses))
     return [found[h] for h in hashes]
 
 

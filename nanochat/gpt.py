@@ -371,11 +371,11 @@ class GPT(nn.Module):
         blocks = sum(p.numel() for p in self.blocks.parameters())
         return blocks + self.lm_head.weight.numel()
 
-    def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, scalar_lr=0.5,
-                        weight_decay=0.28, adam_betas=(0.8, 0.95), muon_shard_threshold=None):
-        """MuonAdamW with Muon on the 2-D block matrices (grouped by shape) and AdamW elsewhere.
-        AdamW learning rates scale as (n_embd/768)^-0.5, tuned at d12 (768 wide)."""
-        from nanochat.optim import MuonAdamW
+    def optimizer_groups(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, scalar_lr=0.5,
+                         weight_decay=0.28, adam_betas=(0.8, 0.95)):
+        """MuonAdamW param groups: Muon on the 2-D block matrices (grouped by shape), AdamW elsewhere.
+        The lm_head and embedding LRs scale as (n_embd/768)^-0.5 (tuned at d12, 768 wide); the
+        scalars' and the matrices' do not."""
         scale = (self.config.n_embd / 768) ** -0.5
         matrices = [p for p in self.blocks.parameters() if p.dim() == 2]
         embeddings = [self.wte.weight] + [ve.weight for ve in self.value_embeds.values()]
@@ -392,6 +392,21 @@ class GPT(nn.Module):
                                lr=matrix_lr, momentum=0.95, weight_decay=weight_decay))
         grouped = sum(len(g["params"]) for g in groups)
         if grouped != len(list(self.parameters())):
-            raise AssertionError("setup_optimizer missed or duplicated a parameter")
+            raise AssertionError("optimizer_groups missed or duplicated a parameter")
+        return groups
+
+    def setup_optimizer(self, muon_shard_threshold=None, **group_settings):
+        """MuonAdamW over optimizer_groups(**group_settings)."""
+        from nanochat.optim import MuonAdamW
         kwargs = {} if muon_shard_threshold is None else dict(shard_threshold=muon_shard_threshold)
-        return MuonAdamW(groups, **kwargs)
+        return MuonAdamW(self.optimizer_groups(**group_settings), **kwargs)
+
+
+def build_gpt(config, device="cpu"):
+    """A freshly initialised GPT on `device`: built on the meta device (no memory or time spent on
+    weights that init_weights() overwrites), then materialised and initialised."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

@@ -1,8 +1,11 @@
-"""Bits per byte: a tokenizer-independent validation loss."""
+"""Bits per byte (a tokenizer-independent validation loss) and the in-context copying probe."""
 
 import math
 
 import torch
+
+from nanochat.common import get_dist_info
+from nanochat.dataloader import tokenizing_distributed_data_loader_bestfit
 
 
 @torch.no_grad()
@@ -28,6 +31,16 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     if total_bytes.item() == 0:
         raise ValueError("evaluate_bpb saw no byte-bearing targets")
     return total_nats.item() / (math.log(2) * total_bytes.item())
+
+
+def val_bpb(model, tokenizer, token_bytes, batch_size, eval_tokens, device):
+    """evaluate_bpb over the first ~eval_tokens tokens of the validation split (all ranks
+    together), packed as training packs them; returns (bits per byte, tokens evaluated)."""
+    seq_len = model.config.sequence_len
+    tokens_per_batch = batch_size * seq_len * get_dist_info()[3]
+    steps = max(1, eval_tokens // tokens_per_batch)
+    batches = tokenizing_distributed_data_loader_bestfit(tokenizer, batch_size, seq_len, "val", device=device)
+    return evaluate_bpb(model, batches, steps, token_bytes), steps * tokens_per_batch
 
 
 @torch.no_grad()

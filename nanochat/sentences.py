@@ -16,19 +16,25 @@ import os
 import re
 
 SPLITS = ("train", "val", "test")
-# Text goes to a split by its sha256: 80% train, 10% val, 10% test.
+# Text goes to a split by its sha256 (text_split), this share of it to each.
 TEXT_SPLIT_PERCENT = {"train": 80, "val": 10, "test": 10}
 
 
-def text_split(text):
-    """The split a piece of text belongs to (TEXT_SPLIT_PERCENT, by sha256 of the lowercased text)."""
-    bucket = int(hashlib.sha256(text.lower().encode()).hexdigest()[:8], 16) % 100
-    low = 0
+def split_buckets():
+    """{split: the range of sha256 buckets (0..99) it owns}, laid out in SPLITS order."""
+    buckets, low = {}, 0
     for split in SPLITS:
+        buckets[split] = range(low, low + TEXT_SPLIT_PERCENT[split])
         low += TEXT_SPLIT_PERCENT[split]
-        if bucket < low:
-            return split
-    raise AssertionError("TEXT_SPLIT_PERCENT must sum to 100")
+    if low != 100:
+        raise AssertionError("TEXT_SPLIT_PERCENT must sum to 100")
+    return buckets
+
+
+def text_split(text):
+    """The split a piece of text belongs to (split_buckets, by sha256 of the lowercased text)."""
+    bucket = int(hashlib.sha256(text.lower().encode()).hexdigest()[:8], 16) % 100
+    return next(split for split, owned in split_buckets().items() if bucket in owned)
 
 
 def package_dir(module, install):

@@ -32,10 +32,10 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
+from nanochat.audio import SAMPLE_RATE
 from nanochat.common import atomic_write, get_base_dir, logger, setup_logging
-from nanochat.sentences import SPLITS, TEXT_SPLIT_PERCENT, sentences, text_split
+from nanochat.sentences import SPLITS, TEXT_SPLIT_PERCENT, sentences, split_buckets, text_split
 
-SAMPLE_RATE = 16000  # what the Whisper feature extractor expects
 # Peak level every clip is scaled to: one loudness across engines and headroom below int16 clipping.
 PEAK = 0.9
 SHARD_FORMAT = 1  # bump when the shard schema changes
@@ -78,8 +78,9 @@ VOICES = (
 )
 
 SPLIT_RULE = ("a clip's split is its voice's split (see 'voices'); its text is drawn only from texts "
-              "whose sha256(lowercased text) mod 100 falls in that split's range "
-              "(train 0-79, val 80-89, test 90-99), so val/test voices and texts never occur in train")
+              "whose sha256(lowercased text) mod 100 falls in that split's range ("
+              + ", ".join(f"{split} {r.start}-{r.stop - 1}" for split, r in split_buckets().items())
+              + "), so val/test voices and texts never occur in train")
 
 
 # ---------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 
     SpeechLM(gpt, AudioPath(n_embd, stack, model_id=..., layers=..., pad=...))
 
-Training reads encoder frames from the on-disk FeatureCache (load_frames), so only the projector
-(and the GPT in stage 2) runs per step; chat runs the whole path on raw audio (embed_audio). Both
-give the GPT the same soft tokens: the projector groups `stack` frames from the start of a clip
-and zero-pads its tail, so a batch is projected right-padded and only then left-aligned for the
-GPT (whose padded-audio batches are left-padded, see GPT.forward).
+Training reads encoder frames from the on-disk FeatureCache (nanochat.speech_batches), so only the
+projector (and the GPT in stage 2) runs per step; chat runs the whole path on raw audio
+(embed_audio). Both give the GPT the same soft tokens: the projector groups `stack` frames from
+the start of a clip and zero-pads its tail, so a batch is projected right-padded and only then
+left-aligned for the GPT (whose padded-audio batches are left-padded, see GPT.forward).
 
 Checkpoints live in base_dir/audio_checkpoints/<tag>: model_state {"gpt", "projector",
 "layer_weights" (layers="weighted" only)} and meta with the GPT config, the encoder config (whose
@@ -21,7 +21,6 @@ import torch.nn as nn
 from nanochat.audio import AudioPath
 from nanochat.checkpoint import checkpoint_dir_for, gpt_from_state, load_checkpoint, save_checkpoint
 from nanochat.common import compute_dtype
-from nanochat.feature_cache import audio_hash, encode_with_cache
 
 
 def left_align(tokens, lengths):
@@ -57,6 +56,20 @@ class SpeechLM(nn.Module):
         if self.encoder.layer_weights is not None:
             params.append(self.encoder.layer_weights)
         return params
+
+    def setup_optimizer(self, stage, lr=2e-3, gpt_lr_scale=0.1, weight_decay=0.0):
+        """MuonAdamW: AdamW at `lr` on the audio parameters; in stage 2 also the GPT's own groups
+        (GPT.optimizer_groups with this Muon weight decay) at their LRs x gpt_lr_scale. Stage 1
+        freezes the GPT (no gradients, not in the optimizer)."""
+        from nanochat.optim import MuonAdamW
+        groups = [dict(kind="adamw", params=self.audio_parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8,
+                       weight_decay=0.0)]
+        if stage == 1:
+            self.gpt.requires_grad_(False)
+        else:
+            groups += [dict(group, lr=group["lr"] * gpt_lr_scale)
+                       for group in self.gpt.optimizer_groups(weight_decay=weight_decay)]
+        return MuonAdamW(groups)
 
     def soft_tokens(self, frames, lengths):
         """Cached encoder frames (B, T, ...) right-padded with zeros, valid frames (B,) ->
@@ -135,63 +148,13 @@ def load_speech_lm(checkpoint_dir, step=None, device="cpu", phase="eval"):
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
     if "encoder" not in meta:
         raise ValueError(f"{checkpoint_dir} is a text checkpoint (no encoder in its meta), not an audio one")
+    return speech_lm_from_state(model_state, meta, device, phase), meta
+
+
+def speech_lm_from_state(model_state, meta, device="cpu", phase="eval"):
+    """The SpeechLM of a loaded audio checkpoint (load_checkpoint's model_state and meta)."""
     gpt = gpt_from_state(model_state, meta, device, phase)
     model = SpeechLM(gpt, build_audio_path(gpt.config.n_embd, meta["encoder"]).to(device))
     model.load_state_dicts(model_state)
     model.train(phase == "train")
-    return model, meta
-
-
-def load_frames(encoder, cache, clips, batch_size=16):
-    """fp16 CPU frames (T_i, ...) of 16 kHz clips from the feature cache; misses are encoded (once)."""
-    key = encoder.cache_key
-    frames = [cache.get(audio_hash(clip), key) for clip in clips]
-    missing = [i for i, f in enumerate(frames) if f is None]
-    if missing:
-        for i, f in zip(missing, encode_with_cache(encoder, [clips[i] for i in missing], cache, batch_size)):
-            frames[i] = f
-    return frames
-
-
-def collate(examples, device):
-    """Examples (ids, mask, frames (T_f, ...) or None) -> idx (B, T), targets (B, T) with -1 wherever
-    mask is 0 or past the row's end, and frames (B, T_f, ...) right-padded with frame lengths (B,)
-    (a text-only row has length 0); frames and lengths are None when no example has audio."""
-    B = len(examples)
-    T = max(len(ids) for ids, _, _ in examples) - 1
-    idx = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.full((B, T), -1, dtype=torch.long)
-    for b, (ids, mask, _) in enumerate(examples):
-        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
-        idx[b, :len(ids) - 1] = ids_t[:-1]
-        targets[b, :len(ids) - 1] = ids_t[1:].masked_fill(~mask_t[1:], -1)
-    with_audio = [f for _, _, f in examples if f is not None]
-    frames = lengths = None
-    if with_audio:
-        lengths = torch.tensor([0 if f is None else f.size(0) for _, _, f in examples])
-        frames = with_audio[0].new_zeros(B, int(lengths.max()), *with_audio[0].shape[1:])
-        for b, (_, _, f) in enumerate(examples):
-            if f is not None:
-                frames[b, :f.size(0)] = f
-        frames, lengths = frames.to(device), lengths.to(device)
-    return idx.to(device), targets.to(device), frames, lengths
-
-
-@torch.no_grad()
-def generate_replies(model, engine, tokenizer, conversations, frames, max_tokens=64, batch_size=16):
-    """Greedy assistant replies (text) to conversations (their reference reply dropped), each with its
-    cached frames (T, ...) or None."""
-    replies = []
-    for start in range(0, len(conversations), batch_size):
-        convs = conversations[start:start + batch_size]
-        prompts = [tokenizer.render_for_completion(c) for c in convs]
-        audio = []
-        for f in frames[start:start + batch_size]:
-            if f is None:
-                audio.append(None)
-            else:
-                tokens, _ = model.soft_tokens(f[None].to(model.gpt.get_device()), torch.tensor([f.size(0)]))
-                audio.append(tokens)
-        sequences, _ = engine.generate_batch(prompts, max_tokens=max_tokens, temperature=0.0, audio_features=audio)
-        replies.extend(tokenizer.decode(seq[len(p):]) for seq, p in zip(sequences, prompts))
-    return replies
+    return model

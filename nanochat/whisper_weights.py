@@ -106,6 +106,13 @@ def _hub_reachable():
         return False
 
 
+def whisper_id(name):
+    """'tiny.en' -> 'openai/whisper-tiny.en'; HF ids and local directories pass through; None stays None."""
+    if name is None or "/" in name or os.path.isdir(name):
+        return name
+    return f"openai/whisper-{name}"
+
+
 def resolve_weights(model_id=None):
     """A local directory holding a WhisperModel + WhisperFeatureExtractor, and a one-line description.
 

@@ -22,11 +22,12 @@ import torch
 
 from nanochat.common import atomic_write, compute_init, get_base_dir, setup_logging
 from nanochat.engine import Engine
-from nanochat.feature_cache import FeatureCache
+from nanochat.feature_cache import FeatureCache, encode_with_cache
 from nanochat.speech_data import default_data_dir
-from nanochat.speech_lm import audio_checkpoint_dir, generate_replies, load_frames, load_speech_lm
+from nanochat.speech_eval import generate_replies, pooled_wer, transcription_scores
+from nanochat.speech_lm import audio_checkpoint_dir, load_speech_lm
 from nanochat.tokenizer import get_tokenizer
-from tasks.spoken import SpokenContinuation, SpokenQuestions, SpokenTranscription, normalize_text, word_error_rate
+from tasks.spoken import SpokenContinuation, SpokenQuestions, SpokenTranscription
 
 
 def parse_args(argv=None):
@@ -43,29 +44,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def pooled_wer(pairs):
-    """WER over (reference, hypothesis) pairs pooled by reference words: total errors / total words."""
-    words = [len(normalize_text(r).split()) for r, _ in pairs]
-    return sum(word_error_rate(r, h) * n for (r, h), n in zip(pairs, words)) / max(1, sum(words))
-
-
-def transcription_scores(rows, references, replies):
-    """Pooled WER of transcription replies: over every clip, over the read sentences alone (the
-    other clips are questions) and per voice."""
-    by_voice = defaultdict(list)
-    for row, ref, reply in zip(rows, references, replies):
-        by_voice[f"{row['engine']}:{row['voice']}"].append((ref, reply))
-    sentences = [(ref, reply) for row, ref, reply in zip(rows, references, replies) if row["task"] == "transcribe"]
-    return {"n": len(references), "wer": pooled_wer(list(zip(references, replies))),
-            "wer_sentences": pooled_wer(sentences) if sentences else None,
-            "wer_by_voice": {v: pooled_wer(p) for v, p in sorted(by_voice.items())}}
-
-
 def run_task(model, engine, tokenizer, cache, task, max_items, batch_size, max_tokens, typed=False):
     """(rows, conversations, replies) of the first max_items items of a task; typed: the text twins."""
     n = len(task) if max_items < 0 else min(max_items, len(task))
     convs = [task.typed(i) if typed else task[i] for i in range(n)]
-    frames = [None] * n if typed else load_frames(model.encoder, cache, [c["audio"] for c in convs])
+    frames = [None] * n if typed else encode_with_cache(model.encoder, [c["audio"] for c in convs], cache)
     replies = generate_replies(model, engine, tokenizer, convs, frames, max_tokens, batch_size)
     return task.rows[:n], convs, replies
 

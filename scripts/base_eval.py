@@ -2,8 +2,7 @@
 
     python -m scripts.base_eval [--model-tag d4] [--step N] [--eval-tokens 524288]
 
-Writes base_dir/report/base_eval.md and prints a final JSON line. (CORE-style in-context tasks
-come with the chat stage.)
+Writes base_dir/report/base_eval.md and prints a final JSON line.
 """
 
 import argparse
@@ -15,10 +14,9 @@ import torch
 from nanochat.checkpoint import checkpoint_dir_for, load_model
 from nanochat.common import atomic_write, compute_init, get_base_dir, print0, setup_logging
 from nanochat.dataloader import tokenizing_distributed_data_loader_bestfit
-from nanochat.engine import Engine
-from nanochat.loss_eval import evaluate_bpb, evaluate_copy
+from nanochat.loss_eval import evaluate_copy, val_bpb
 from nanochat.tokenizer import get_token_bytes
-from scripts.base_train import SAMPLE_PROMPTS
+from nanochat.training import sample_completions
 
 COPY_TOKENS = 64  # half of the shortest sliding window (128), so every layer sees the first copy
 
@@ -26,32 +24,27 @@ COPY_TOKENS = 64  # half of the shortest sliding window (128), so every layer se
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-tag", default=None, help="checkpoint folder under base_checkpoints (default: newest)")
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--device-type", default=None)
-    parser.add_argument("--device-batch-size", type=int, default=8)
-    parser.add_argument("--eval-tokens", type=int, default=2 ** 19)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")
+    parser.add_argument("--device-batch-size", type=int, default=8, help="rows per forward per rank")
+    parser.add_argument("--eval-tokens", type=int, default=2 ** 19, help="validation tokens for bits per byte")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per sample")
     args = parser.parse_args(argv)
     setup_logging()
-    _, rank, _, world_size, device = compute_init(args.device_type)
+    _, rank, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model("base", device=device, model_tag=args.model_tag, step=args.step)
     T = model.config.sequence_len
-    loader = tokenizing_distributed_data_loader_bestfit(tokenizer, args.device_batch_size, T, "val", device=device)
-    steps = max(1, args.eval_tokens // (args.device_batch_size * T * world_size))
-    bpb = evaluate_bpb(model, loader, steps, get_token_bytes(tokenizer, device=device))
+    token_bytes = get_token_bytes(tokenizer, device=device)
+    bpb, tokens = val_bpb(model, tokenizer, token_bytes, args.device_batch_size, args.eval_tokens, device)
     # The first COPY_TOKENS tokens after BOS of one fresh val batch, each row shown twice.
     passages = next(tokenizing_distributed_data_loader_bestfit(
         tokenizer, args.device_batch_size, T, "val", device=device))[0][:, 1:COPY_TOKENS + 1]
     copy_first, copy_second = evaluate_copy(model, passages, tokenizer.get_bos_token_id())
-
-    engine = Engine(model, tokenizer)
-    prompts = [tokenizer.encode(p, prepend="<|bos|>") for p in SAMPLE_PROMPTS]
-    sequences, _ = engine.generate_batch(prompts, max_tokens=args.max_tokens, temperature=0)
-    samples = [tokenizer.decode(s[1:]) for s in sequences]
+    samples = sample_completions(model, tokenizer, max_tokens=args.max_tokens)
 
     source = checkpoint_dir_for("base", args.model_tag)
     lines = ["# Base model evaluation", "", f"checkpoint: `{source}` step {meta['step']}", "",
-             f"validation bits per byte: **{bpb:.4f}** ({steps * args.device_batch_size * T * world_size:,} tokens)",
+             f"validation bits per byte: **{bpb:.4f}** ({tokens:,} tokens)",
              "", f"in-context copying: loss {copy_first:.2f} nats on a {COPY_TOKENS}-token val passage, "
              f"{copy_second:.2f} on its repeat (near 0 when the model copies)",
              "", "## Greedy samples", ""] + [f"- `{s!r}`" for s in samples]

@@ -8,33 +8,12 @@ Each item is a conversation with the audio in front:
   same question as text with no audio, to measure the gap between hearing and reading.
 - SpokenContinuation: the first half of a sentence spoken -> the rest as text (scored by WER
   against the real rest of the sentence).
+TASKS names them as scripts/audio_train.py's --tasks does. Text normalisation and WER live in
+nanochat.speech_eval.
 """
 
-import re
-
-import jiwer
-
 from nanochat.speech_data import decode_audio, default_data_dir, load_split
-
-_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d{3})")
-# A number (a leading minus only where it cannot be a hyphen) or a run of letters/digits.
-_TOKEN = re.compile(r"(?<![^\W_])-?\d+(?:\.\d+)?|[^\W_]+")
-
-
-def normalize_text(text):
-    """Lowercase words without punctuation; numbers stay as written ("1,000" -> "1000", "-4" kept)."""
-    text = _DIGIT_COMMA.sub("", text.lower().replace("\u2019", "'").replace("'", ""))
-    return " ".join(_TOKEN.findall(text))
-
-
-def word_error_rate(reference, hypothesis):
-    """WER of hypothesis against reference after normalize_text (jiwer); 1.0 for an empty hypothesis."""
-    reference, hypothesis = normalize_text(reference), normalize_text(hypothesis)
-    if not reference:
-        raise ValueError("word_error_rate: the reference has no words after normalisation")
-    if not hypothesis:
-        return 1.0  # every reference word deleted
-    return jiwer.wer(reference, hypothesis)
+from nanochat.speech_eval import normalize_text, word_error_rate
 
 
 class SpokenTask:
@@ -90,3 +69,6 @@ class SpokenQuestions(SpokenTask):
     def evaluate(item, completion):
         """Exact match of the normalised completion and answer ("-4." matches "-4")."""
         return normalize_text(completion) == normalize_text(item["messages"][-1]["content"])
+
+
+TASKS = {"transcribe": SpokenTranscription, "question": SpokenQuestions, "continue": SpokenContinuation}

@@ -27,5 +27,5 @@ def small_model(small_config):
 def tokenizer():
     """A real BPE tokenizer trained on stdlib sources: 512 ids including the special tokens."""
     from nanochat.tokenizer import Tokenizer
-    from tests.helpers import stdlib_text
+    from nanochat.corpus import stdlib_text
     return Tokenizer.train_from_iterator(iter(stdlib_text()), vocab_size=512)

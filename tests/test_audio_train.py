@@ -20,9 +20,9 @@ from nanochat import speech_data as sd
 from nanochat.checkpoint import load_checkpoint, save_checkpoint
 from nanochat.feature_cache import FeatureCache
 from nanochat.gpt import GPTConfig
-from nanochat.speech_lm import (audio_checkpoint_dir, collate, left_align, load_speech_lm,
-                                save_speech_lm)
-from tasks.spoken import SpokenTranscription
+from nanochat.speech_batches import batch_stream, build_items, collate, epoch_batches, make_examples
+from nanochat.speech_lm import audio_checkpoint_dir, left_align, load_speech_lm, save_speech_lm
+from tasks.spoken import TASKS, SpokenTranscription
 from tests.helpers import build_model
 
 # Fast voices only (piper's neural voice takes seconds to load); each split keeps its own voice.
@@ -83,12 +83,10 @@ def run_train(*argv):
 
 
 def tiny_items(split="train", tasks=("transcribe",)):
-    from scripts.audio_train import build_items
-    return build_items(None, split, list(tasks))
+    return build_items([TASKS[name](None, split) for name in tasks])
 
 
 def batch_loss(model, tokenizer, items):
-    from scripts.audio_train import make_examples
     examples = make_examples(model, tokenizer, FeatureCache(), items, 128)
     with torch.no_grad():
         return float(model(*collate(examples, "cpu")))
@@ -136,7 +134,6 @@ def test_collate_grades_only_the_reply(tokenizer):
 
 
 def test_epoch_batches_are_disjoint_across_ranks_and_resume_exactly():
-    from scripts.audio_train import batch_stream, epoch_batches
     durations = [float(i % 7) for i in range(50)]
     batches = epoch_batches(durations, 4, 2, seed=3, epoch=0)
     flat = [i for b in batches for i in b]
@@ -219,7 +216,6 @@ def test_cache_cap_deletes_old_entries_but_none_of_the_run(world):
 
 
 def test_only_assistant_tokens_are_graded(world, tokenizer):
-    from scripts.audio_train import make_examples
     model, _ = load_speech_lm(audio_checkpoint_dir("s1"))
     items = tiny_items(tasks=("transcribe", "question", "continue"))
     examples = make_examples(model, tokenizer, FeatureCache(), items, 128)
@@ -242,7 +238,6 @@ def test_only_assistant_tokens_are_graded(world, tokenizer):
 
 def test_batch_padding_does_not_change_an_example(world, tokenizer):
     """Clips of different lengths in one left-padded batch compute what each computes alone."""
-    from scripts.audio_train import make_examples
     model, _ = load_speech_lm(audio_checkpoint_dir("s1"))
     items = tiny_items(tasks=("transcribe",))
     examples = make_examples(model, tokenizer, FeatureCache(), items, 128)
@@ -257,7 +252,7 @@ def test_batch_padding_does_not_change_an_example(world, tokenizer):
 
 def test_checkpoint_round_trip_restores_identical_outputs(world, tokenizer, tmp_path):
     from nanochat.engine import Engine
-    from nanochat.speech_lm import generate_replies
+    from nanochat.speech_eval import generate_replies
     model, meta = load_speech_lm(audio_checkpoint_dir("s1"))
     save_speech_lm(str(tmp_path), 7, model, None, {**meta, "step": 7})
     again, meta2 = load_speech_lm(str(tmp_path))
@@ -350,8 +345,7 @@ def test_torchrun_two_ranks(world, tmp_path):
 
 def test_pooled_wer_is_jiwers_corpus_wer():
     import jiwer
-    from scripts.audio_eval import pooled_wer
-    from tasks.spoken import normalize_text
+    from nanochat.speech_eval import normalize_text, pooled_wer
     pairs = [("The quick brown fox.", "the quick brown box"), ("Jumps over, the dog!", "jumps the lazy dog"),
              ("What is 7 plus 5?", "what is 7 plus 5")]
     expected = jiwer.wer([normalize_text(r) for r, _ in pairs], [normalize_text(h) for _, h in pairs])

@@ -1,0 +1,159 @@
+"""Speech training batches: the conversations of the spoken tasks (and their typed twins), epochs
+of duration-bucketed batches that resume exactly, encoder frames from the feature cache, and the
+padded tensors SpeechLM.forward takes.
+
+Every clip is encoded once, before the first step (warm_cache), and read from the on-disk
+FeatureCache from then on. Clips of different lengths share a batch: their soft tokens are
+left-padded and masked (GPT.forward's audio_lengths), so an example computes the same whatever
+its batch-mates; within windows of BUCKET_WINDOW batches the items are sorted by duration before
+being cut into batches (then the batches are shuffled), so little compute goes to padding.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import print0
+from nanochat.feature_cache import encode_with_cache
+from nanochat.training import StepOutput
+
+BUCKET_WINDOW = 8  # batches per duration-sorted window: less padding, still a fresh mix every epoch
+WARM_CHUNK = 512   # clips per feature-cache pass before training (bounds the memory it holds)
+
+
+@dataclass
+class Item:
+    """One training conversation: row `index` of a spoken task, or its typed twin (no audio)."""
+    task: object
+    index: int
+    typed: bool = False
+
+    def conversation(self):
+        return self.task.typed(self.index) if self.typed else self.task[self.index]
+
+    @property
+    def clip_id(self):
+        return None if self.typed else self.task.rows[self.index]["id"]
+
+    @property
+    def duration(self):
+        return 0.0 if self.typed else self.task.rows[self.index]["duration"]
+
+
+def build_items(tasks, text_mix=0.0, typed=None):
+    """Every conversation of the spoken tasks, then round(text_mix x that many) typed twins drawn in
+    order (cycling) from `typed`, a task with typed(i) (tasks.spoken.SpokenQuestions)."""
+    items = [Item(task, i) for task in tasks for i in range(len(task))]
+    if text_mix > 0:
+        if typed is None:
+            raise ValueError("text_mix needs a task with typed twins (typed=SpokenQuestions(...))")
+        items += [Item(typed, i % len(typed), typed=True) for i in range(round(text_mix * len(items)))]
+    return items
+
+
+def epoch_batches(durations, batch_size, world_size, seed, epoch):
+    """One epoch's batches (lists of item indices), identical on every rank: a seeded shuffle, cut to
+    a multiple of batch_size x world_size, sorted by duration within windows, cut, shuffled again."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(durations), generator=g).tolist()
+    order = order[:len(order) - len(order) % (batch_size * world_size)]
+    window = batch_size * BUCKET_WINDOW
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: durations[i])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def batch_stream(durations, batch_size, rank, world_size, seed, state=None):
+    """Endless (item indices, state) of this rank's batches; `state` ({"epoch", "batch"}) is where a
+    resumed stream continues, i.e. the batch after the one it comes with."""
+    epoch, start = (0, 0) if state is None else (state["epoch"], state["batch"])
+    while True:
+        mine = epoch_batches(durations, batch_size, world_size, seed, epoch)[rank::world_size]
+        for j in range(start, len(mine)):
+            yield mine[j], {"epoch": epoch, "batch": j + 1}
+        epoch, start = epoch + 1, 0
+
+
+def make_examples(model, tokenizer, cache, items, max_tokens):
+    """Items -> (ids, mask, cached frames or None) examples for collate()."""
+    convs = [item.conversation() for item in items]
+    with_audio = [i for i, c in enumerate(convs) if "audio" in c]
+    frames = [None] * len(convs)
+    for i, f in zip(with_audio, encode_with_cache(model.encoder, [convs[i]["audio"] for i in with_audio], cache)):
+        frames[i] = f
+    return [(*tokenizer.render_conversation(conv, max_tokens), f) for conv, f in zip(convs, frames)]
+
+
+def collate(examples, device):
+    """Examples (ids, mask, frames (T_f, ...) or None) -> idx (B, T), targets (B, T) with -1 wherever
+    mask is 0 or past the row's end, and frames (B, T_f, ...) right-padded with frame lengths (B,)
+    (a text-only row has length 0); frames and lengths are None when no example has audio."""
+    B = len(examples)
+    T = max(len(ids) for ids, _, _ in examples) - 1
+    idx = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.full((B, T), -1, dtype=torch.long)
+    for b, (ids, mask, _) in enumerate(examples):
+        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+        idx[b, :len(ids) - 1] = ids_t[:-1]
+        targets[b, :len(ids) - 1] = ids_t[1:].masked_fill(~mask_t[1:], -1)
+    with_audio = [f for _, _, f in examples if f is not None]
+    frames = lengths = None
+    if with_audio:
+        lengths = torch.tensor([0 if f is None else f.size(0) for _, _, f in examples])
+        frames = with_audio[0].new_zeros(B, int(lengths.max()), *with_audio[0].shape[1:])
+        for b, (_, _, f) in enumerate(examples):
+            if f is not None:
+                frames[b, :f.size(0)] = f
+        frames, lengths = frames.to(device), lengths.to(device)
+    return idx.to(device), targets.to(device), frames, lengths
+
+
+def count_positions(model, examples):
+    """GPT positions an example batch fills (text tokens plus soft audio tokens), padding excluded."""
+    stack = model.projector.stack
+    return sum(len(ids) - 1 + (0 if f is None else -(-f.size(0) // stack)) for ids, _, f in examples)
+
+
+def warm_cache(model, cache, items, rank, world_size):
+    """Encode every distinct clip of `items` not yet in the cache (ranks split the clips)."""
+    clips = {}
+    for item in items:
+        if not item.typed:
+            clips.setdefault(item.clip_id, item)
+    ids = sorted(clips)[rank::world_size]
+    for start in range(0, len(ids), WARM_CHUNK):
+        audio = [clips[i].conversation()["audio"] for i in ids[start:start + WARM_CHUNK]]
+        encode_with_cache(model.encoder, audio, cache)
+
+
+def prepare_cache(model, cache, items, rank, world_size, max_gb=None):
+    """warm_cache on every rank, then (rank 0, with max_gb) delete the least recently used entries
+    beyond max_gb GB, never one of `items`."""
+    t0, warm_start = time.perf_counter(), time.time()
+    warm_cache(model, cache, items, rank, world_size)
+    if world_size > 1:
+        dist.barrier()
+    print0(f"feature cache ready in {time.perf_counter() - t0:.1f} s ({cache.root})")
+    if max_gb is not None and rank == 0:
+        # Every clip of this run was read or written during the warm-up, which refreshed its time; the
+        # margin covers filesystems that store modification times in whole seconds (or two, FAT).
+        deleted, freed, left = cache.prune(int(max_gb * 1e9), keep_used_since=warm_start - 2)
+        print0(f"feature cache pruned: {deleted:,} entries ({freed / 1e9:.2f} GB) deleted, {left / 1e9:.2f} GB left")
+
+
+def speech_step(model, tokenizer, cache, items, stream, max_tokens, device):
+    """A step function for nanochat.training.train: the next batch of `stream` (batch_stream over
+    `items`), its frames from the cache, one forward and backward of the mean reply loss."""
+
+    def step_fn(step):
+        batch, state = next(stream)
+        examples = make_examples(model, tokenizer, cache, [items[i] for i in batch], max_tokens)
+        loss = model(*collate(examples, device))
+        loss.backward()
+        return StepOutput(loss, count_positions(model, examples), state, {"epoch": state["epoch"]})
+
+    return step_fn
