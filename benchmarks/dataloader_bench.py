@@ -85,14 +85,15 @@ def loader_speed(tokenizer, data_dir, B, T, batches, threads, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=None,
+                        help="pretraining shards (default $NANOCHAT_DATA_DIR or base_dir/base_data)")
     parser.add_argument("--max-docs", type=int, default=12000, help="train documents to pack (in reading order)")
-    parser.add_argument("--buffer-size", type=int, default=1000)
+    parser.add_argument("--buffer-size", type=int, default=1000, help="documents the best-fit packer keeps buffered")
     parser.add_argument("--vocab-size", type=int, default=32768, help="for a tokenizer trained here")
-    parser.add_argument("--train-chars", type=int, default=20_000_000)
+    parser.add_argument("--train-chars", type=int, default=20_000_000, help="characters for a tokenizer trained here")
     parser.add_argument("--threads", type=int, default=2, help="tokenizer threads")
-    parser.add_argument("--B", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--B", type=int, default=16, help="rows per batch of the loader speed test")
+    parser.add_argument("--batches", type=int, default=50, help="batches timed in the loader speed test")
     args = parser.parse_args()
     data_dir = get_data_dir(args.data_dir)
 

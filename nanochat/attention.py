@@ -4,7 +4,7 @@ Layout everywhere is (B, T, H, D), FlashAttention's. Two backends:
 - FlashAttention-3 (Hopper, bf16), loaded at run time through the `kernels` package;
 - PyTorch SDPA, which honours sliding windows in every mode: training (a cached window mask),
   chunked prefill against a cache (per-row position mask) and single-token decode (K/V sliced to
-  the last window+1 positions, the seed's fix).
+  the last window+1 positions, as upstream nanochat does).
 
 A window of None means full causal attention; an int w lets position i see positions i-w..i.
 """

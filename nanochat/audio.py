@@ -58,7 +58,8 @@ def _to_clips(audio, sampling_rate):
         if not isinstance(item, np.ndarray):
             raise TypeError(f"audio clip {i}: expected a path, numpy array or tensor, got {type(item).__name__}")
         if rate is None:
-            raise ValueError(f"audio clip {i}: an array needs its sampling_rate, e.g. preprocess(x, sampling_rate={SAMPLE_RATE})")
+            raise ValueError(f"audio clip {i}: an array needs its sampling_rate, "
+                             f"e.g. preprocess(x, sampling_rate={SAMPLE_RATE})")
         clips.append((f"audio clip {i}", item, int(rate)))
     return clips
 

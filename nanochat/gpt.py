@@ -1,4 +1,5 @@
-"""The GPT: one file, every architectural feature of the seed, and the audio_features hook.
+"""The GPT: one file, the architecture of upstream nanochat (https://github.com/karpathy/nanochat),
+and the audio_features hook.
 
 - rotary embeddings (base 100000, tables for 10x sequence_len so audio prefixes and long prompts fit)
 - QK-norm with a 1.2 scale, grouped-query attention, sliding windows from a pattern ("SSSL")
@@ -20,7 +21,7 @@ from nanochat.common import Linear, compute_dtype
 
 ROTARY_BASE = 100_000
 ROTARY_OVERALLOC = 10      # rotary tables cover 10x sequence_len
-QK_SCALE = 1.2             # after QK-norm; sharper attention than unit-norm q.k (seed tuning)
+QK_SCALE = 1.2             # after QK-norm; sharper attention than unit-norm q.k (upstream's tuning)
 LOGIT_SOFTCAP = 15.0
 VE_GATE_CHANNELS = 12      # the value-embedding gate reads the first 12 channels of x
 SMEAR_GATE_CHANNELS = 24   # the smear gate reads the first 24 channels
@@ -241,7 +242,7 @@ class GPT(nn.Module):
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -s, s)
         nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
-        # Non-uniform per-layer init (seed tuning): early layers keep more residual and more x0.
+        # Non-uniform per-layer init (upstream's tuning): early layers keep more residual and more x0.
         self.resid_lambdas.copy_(torch.linspace(1.15, 1.05, self.config.n_layer))
         self.x0_lambdas.copy_(torch.linspace(0.20, 0.05, self.config.n_layer))
         self.smear_lambda.fill_(0.0)

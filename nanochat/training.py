@@ -15,6 +15,7 @@ every rank's loader state, the loss EMA and the timed seconds, so a resumed run 
 the same batches, losses and log lines as the run that was never stopped.
 """
 
+import argparse
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,28 @@ LOSS_EMA = 0.9  # smoothing of the logged training loss
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
                   "The planets of the solar system are:"]
+
+
+# ---------------------------------------------------------------------------
+# The flags every trainer shares
+
+
+def add_training_args(parser: argparse.ArgumentParser, warmup_steps, warmdown_ratio, eval_every, evaluates):
+    """Add the device, wandb, horizon, LR schedule, evaluation / checkpoint cadence and resume flags,
+    with this trainer's defaults; `evaluates` says what its evaluation measures."""
+    p = parser
+    p.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")
+    p.add_argument("--run", default="", help="wandb run name (empty: no wandb)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps (-1: from the data)")
+    p.add_argument("--warmup-steps", type=int, default=warmup_steps, help="linear LR warmup")
+    p.add_argument("--warmdown-ratio", type=float, default=warmdown_ratio,
+                   help="share of the run with a linear LR warmdown")
+    p.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, as a fraction of the peak")
+    p.add_argument("--eval-every", type=int, default=eval_every,
+                   help=f"{evaluates} every N steps and at the end (-1: never)")
+    p.add_argument("--save-every", type=int, default=-1, help="also checkpoint every N steps (-1: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--stop-at-step", type=int, default=-1, help="exit after this step, as if killed (for resume tests)")
 
 
 # ---------------------------------------------------------------------------

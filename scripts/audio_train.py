@@ -28,15 +28,13 @@ from nanochat.speech_data import default_data_dir
 from nanochat.speech_eval import held_out_scores
 from nanochat.speech_lm import SpeechLM, audio_checkpoint_dir, encoder_meta, load_speech_lm, speech_lm_from_state
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import Run, Schedule, Start, resume, train as train_loop
+from nanochat.training import Run, Schedule, Start, add_training_args, resume, train as train_loop
 from nanochat.whisper_weights import whisper_id
 from tasks.spoken import TASKS, SpokenQuestions, SpokenTranscription
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")
-    p.add_argument("--run", default="", help="wandb run name (empty: no wandb)")
     p.add_argument("--stage", type=int, choices=(1, 2), default=1, help="1: projector only; 2: projector + GPT")
     p.add_argument("--tag", default=None, help="output: base_dir/audio_checkpoints/<tag> (default s<stage>)")
     # where the model starts
@@ -58,7 +56,6 @@ def parse_args(argv=None):
                    help="typed-question conversations (no audio) per spoken item, stage 2: keeps the GPT a text model")
     p.add_argument("--batch-size", type=int, default=16, help="conversations per step per rank")
     p.add_argument("--epochs", type=float, default=2.0, help="horizon, unless --num-iterations is given")
-    p.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps (-1: from --epochs)")
     p.add_argument("--seed", type=int, default=0, help="data order")
     p.add_argument("--cache-max-gb", type=float, default=None,
                    help="after the warm-up, delete least recently used feature-cache entries beyond this size "
@@ -67,15 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW LR of the projector (and layer weights)")
     p.add_argument("--gpt-lr-scale", type=float, default=0.1, help="stage 2: GPT LRs = base_train's defaults x this")
     p.add_argument("--weight-decay", type=float, default=0.0, help="stage 2: Muon weight decay of the GPT")
-    p.add_argument("--warmup-steps", type=int, default=20, help="linear LR warmup")
-    p.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of the run with a linear LR warmdown")
-    p.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, as a fraction of the peak")
-    # evaluation and checkpoints
-    p.add_argument("--eval-every", type=int, default=100, help="val loss and WER every N steps (-1: never)")
+    # evaluation
     p.add_argument("--eval-items", type=int, default=32, help="held-out (val split) conversations for the val loss")
-    p.add_argument("--save-every", type=int, default=-1, help="also checkpoint every N steps (-1: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint of --tag")
-    p.add_argument("--stop-at-step", type=int, default=-1, help="exit after this step, as if killed (for resume tests)")
+    add_training_args(p, warmup_steps=20, warmdown_ratio=0.5, eval_every=100, evaluates="val loss and WER")
     return p.parse_args(argv)
 
 
@@ -134,7 +125,8 @@ def train(args):
     out_dir = audio_checkpoint_dir(args.tag or f"s{args.stage}")
     start = resume(out_dir, device, rank, world_size) if args.resume else Start()
     if start.meta and start.meta["stage"] != args.stage:
-        raise ValueError(f"{out_dir} holds a stage {start.meta['stage']} run; resume it with --stage {start.meta['stage']}")
+        raise ValueError(f"{out_dir} holds a stage {start.meta['stage']} run; "
+                         f"resume it with --stage {start.meta['stage']}")
     model, meta = start_model(args, start, device, rank, world_size)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != model.gpt.config.vocab_size:

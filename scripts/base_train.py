@@ -22,7 +22,8 @@ from nanochat.dataloader import tokenizing_distributed_data_loader_bestfit
 from nanochat.gpt import build_gpt, config_for_depth
 from nanochat.loss_eval import val_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import Run, Schedule, Start, resume, sample_completions, token_step, train
+from nanochat.training import (Run, Schedule, Start, add_training_args, resume, sample_completions, token_step,
+                               train)
 
 # Auto batch size (upstream fit): 2^19 tokens at d12's horizon, growing as horizon^0.383.
 REFERENCE_BATCH = 2 ** 19
@@ -32,8 +33,6 @@ BATCH_EXPONENT = 0.383
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="", help="wandb run name (empty: no wandb)")
-    p.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d{depth})")
     # model
     p.add_argument("--depth", type=int, default=20, help="layers; the width is depth x 64 rounded up to --head-dim")
@@ -42,30 +41,26 @@ def parse_args(argv=None):
     p.add_argument("--window-pattern", default="SSSL",
                    help="sliding windows per layer, tiled over the layers: S short (a quarter of the context), "
                         "L full; the last layer is always full")
-    # horizon and batch
-    p.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps (-1: from the ratio)")
+    # horizon (unless --num-iterations) and batch
     p.add_argument("--target-param-data-ratio", type=float, default=12, help="training tokens per scaling parameter")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward per rank")
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step (-1: automatic)")
     # optimisation
-    p.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of the embeddings (at 2^19 tokens a step)")
-    p.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR of the lm_head (at 2^19 tokens a step)")
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices (at 2^19 tokens a step)")
-    p.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the per-layer scalars (at 2^19 tokens a step)")
+    lrs = {"embedding": (0.3, "AdamW LR of the embeddings"), "unembedding": (0.008, "AdamW LR of the lm_head"),
+           "matrix": (0.02, "Muon LR of the block matrices"), "scalar": (0.5, "AdamW LR of the per-layer scalars")}
+    for name, (default, what) in lrs.items():
+        p.add_argument(f"--{name}-lr", type=float, default=default,
+                       help=f"{what}, tuned at 2^19 tokens a step (scaled by sqrt(batch / 2^19))")
     p.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at the start (cosine to 0)")
-    p.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup")
-    p.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of the run with a linear LR warmdown")
-    p.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, as a fraction of the peak")
     p.add_argument("--momentum-warmup-steps", type=int, default=400, help="steps of Muon momentum 0.85 -> 0.97")
-    p.add_argument("--fp8", action="store_true", help="tensorwise fp8 matmuls (CUDA sm89+; a slow reference path on CPU)")
+    p.add_argument("--fp8", action="store_true",
+                   help="tensorwise fp8 matmuls (CUDA sm89+; a slow reference path on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    # evaluation and checkpoints
-    p.add_argument("--eval-every", type=int, default=250, help="val bits per byte every N steps and at the end (-1: never)")
+    # evaluation
     p.add_argument("--eval-tokens", type=int, default=10 * 2 ** 19, help="validation tokens per evaluation")
-    p.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps and at the end (-1: never)")
-    p.add_argument("--save-every", type=int, default=-1, help="also checkpoint every N steps (-1: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    p.add_argument("--stop-at-step", type=int, default=-1, help="exit after this step, as if killed (for resume tests)")
+    p.add_argument("--sample-every", type=int, default=2000,
+                   help="greedy samples every N steps and at the end (-1: never)")
+    add_training_args(p, warmup_steps=40, warmdown_ratio=0.65, eval_every=250, evaluates="val bits per byte")
     return p.parse_args(argv)
 
 
@@ -128,7 +123,8 @@ def main(argv=None):
               dict(model_config=dataclasses.asdict(config), user_config=vars(args), total_batch_size=total_batch),
               device, rank, world_size, args.eval_every, args.sample_every, args.save_every, args.stop_at_step,
               flops_per_token=model.estimate_flops(args.max_seq_len), wandb_name=args.run)
-    summary = train(model, optimizer, schedule, token_step(train_model, batches, grad_accum), run, start, evaluate, sample)
+    step_fn = token_step(train_model, batches, grad_accum)
+    summary = train(model, optimizer, schedule, step_fn, run, start, evaluate, sample)
     summary["val_bpb"] = summary["val"]["bpb"] if summary["val"] else None
     print0(json.dumps(summary))
     compute_cleanup()

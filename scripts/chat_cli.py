@@ -29,10 +29,11 @@ def parse_args(argv=None):
     p.add_argument("--source", default="audio", choices=("audio", "sft", "base"), help="which checkpoint kind")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest of that kind)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens")
+    p.add_argument("--max-tokens", type=int, default=256, help="reply length limit")
+    p.add_argument("--seed", type=int, default=42,
+                   help="sampling seed (offset by the conversation length at each reply)")
     p.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")
     return p.parse_args(argv)
 

@@ -135,7 +135,8 @@ def reference_counters(timeout):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer-dir", default=os.path.join(get_base_dir(), "tokenizer"))
+    parser.add_argument("--tokenizer-dir", default=os.path.join(get_base_dir(), "tokenizer"),
+                        help="the tokenizer to evaluate (default base_dir/tokenizer)")
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for each reference vocabulary download")
     args = parser.parse_args()

