@@ -9,6 +9,7 @@ gradients from the saved fp8 tensors.
 On CUDA with fp8 tensor cores (compute capability >= 8.9) the matmuls are torch._scaled_mm;
 elsewhere a reference path dequantises to fp32 with the same numerics up to summation order."""
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -18,7 +19,12 @@ from nanochat.common import Linear
 E4M3 = torch.float8_e4m3fn  # 3 mantissa bits, max 448: activations and weights
 E5M2 = torch.float8_e5m2  # 2 mantissa bits, max 57344: gradients need the range more than precision
 
-HAS_FP8_TENSOR_CORES = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+@functools.cache
+def has_fp8_tensor_cores():
+    """Whether the CUDA device has fp8 tensor cores (sm >= 8.9). Asked on first use, not at import:
+    reading the capability initialises CUDA, which a process must not do before forking workers."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
 def quantize_fp8(t, dtype):
@@ -36,7 +42,7 @@ def quantize_fp8(t, dtype):
 def use_scaled_mm(a, b):
     """Whether fp8_mm runs on fp8 tensor cores: torch._scaled_mm needs sm >= 8.9 and every
     dimension a multiple of 16."""
-    return a.is_cuda and HAS_FP8_TENSOR_CORES and all(d % 16 == 0 for d in (*a.shape, *b.shape))
+    return a.is_cuda and has_fp8_tensor_cores() and all(d % 16 == 0 for d in (*a.shape, *b.shape))
 
 
 def fp8_mm(a, a_inv, b, b_inv, out_dtype):

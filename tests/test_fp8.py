@@ -167,7 +167,7 @@ def test_conversion_filter_and_disable_fp8():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and fp8.HAS_FP8_TENSOR_CORES),
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8.has_fp8_tensor_cores()),
                     reason="needs a CUDA GPU with fp8 tensor cores (compute capability >= 8.9)")
 def test_cuda_scaled_mm_matches_cpu_reference():
     torch.manual_seed(0)
