@@ -62,20 +62,15 @@ class Voice:
         return f"{self.engine}:{self.voice}"
 
 
-VOICES = (
-    Voice("piper", "joe", "train"),
-    Voice("flite", "kal16", "train"),
-    Voice("flite", "kal", "train"),
-    Voice("flite", "slt", "train"),
-    Voice("flite", "rms", "val"),
-    Voice("flite", "awb", "test"),
-    Voice("espeak", "en-us", "train"),
-    Voice("espeak", "en-us+f3", "train"),
-    Voice("espeak", "en-us+m5", "train"),
-    Voice("espeak", "en-gb+m3", "train"),
-    Voice("espeak", "en-us+m7", "val"),
-    Voice("espeak", "en-us+f1", "test"),
-)
+def _engine_voices(engine, train=(), val=(), test=()):
+    return tuple(Voice(engine, name, split) for split, names in (("train", train), ("val", val), ("test", test))
+                 for name in names)
+
+
+VOICES = (_engine_voices("piper", train=("joe",))
+          + _engine_voices("flite", train=("kal16", "kal", "slt"), val=("rms",), test=("awb",))
+          + _engine_voices("espeak", train=("en-us", "en-us+f3", "en-us+m5", "en-gb+m3"), val=("en-us+m7",),
+                           test=("en-us+f1",)))
 
 SPLIT_RULE = ("a clip's split is its voice's split (see 'voices'); its text is drawn only from texts "
               "whose sha256(lowercased text) mod 100 falls in that split's range ("
