@@ -83,18 +83,21 @@ class Schedule:
         return (step - start) / max(1, self.num_iterations - start)
 
     def lr_multiplier(self, step):
+        """The LR as a fraction of the peak at `step` (0-based)."""
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         progress = self._warmdown_progress(step)
         return 1.0 if progress is None else 1.0 - progress * (1.0 - self.final_lr_frac)
 
     def muon_momentum(self, step):
+        """Muon's momentum at `step` (with momentum_warmup_steps)."""
         progress = self._warmdown_progress(step)
         if progress is not None:
             return 0.97 - 0.07 * progress
         return 0.85 + 0.12 * min(1.0, step / max(1, self.momentum_warmup_steps))
 
     def weight_decay_multiplier(self, step):
+        """Muon's weight decay as a fraction of its initial value at `step` (with cosine_weight_decay)."""
         return 0.5 * (1 + math.cos(math.pi * step / self.num_iterations))
 
     def apply(self, optimizer, step):
@@ -189,6 +192,7 @@ class StepLog:
             self.wandb = wandb.init(project="nanochat-audio", name=run.wandb_name, config=run.meta.get("user_config"))
 
     def step(self, done, loss, lrm, dt, tokens, eta, fields):
+        """Log step `done` (1-based): `tokens` trained on by this rank in dt seconds, ETA in seconds."""
         tok_per_s = tokens * self.run.world_size / dt
         parts = [f"step {done:05d}/{self.run.num_iterations:05d}", *(f"{k} {v}" for k, v in fields.items()),
                  f"loss {loss:.4f}", f"lrm {lrm:.3f}", f"dt {dt * 1000:.0f} ms", f"tok/s {tok_per_s:,.0f}"]
@@ -202,6 +206,7 @@ class StepLog:
             self.wandb.log(metrics)
 
     def validation(self, done, metrics):
+        """Log an evaluation's {metric: value} after step `done`."""
         print0(" | ".join([f"step {done:05d}"] + [f"val {k} {v:.4f}" if isinstance(v, float) else f"val {k} {v}"
                                                    for k, v in metrics.items()]))
         if self.wandb:
@@ -210,6 +215,7 @@ class StepLog:
             self.peak, _ = peak_flops(self.run.device, compute_dtype())
 
     def finish(self):
+        """Close the wandb run, if any."""
         if self.wandb:
             self.wandb.finish()
 
