@@ -56,7 +56,7 @@ def build_speech_lm(depth, vocab_size, whisper, stack):
     """A random GPT (as base_train initialises it) with a fresh audio path on the offline Whisper weights."""
     gpt = build_gpt(config_for_depth(depth, vocab_size=vocab_size))
     weights = offline_weights(whisper_id(whisper))  # a local directory, so nothing probes the hub
-    return SpeechLM(gpt, AudioPath(gpt.config.n_embd, stack, model_id=str(weights))).train()
+    return SpeechLM(gpt, AudioPath(gpt.config.n_embd, stack, context=gpt.config.sequence_len, model_id=str(weights))).train()
 
 
 def fresh_examples(model, tokenizer, items, max_tokens):

@@ -19,6 +19,8 @@ AudioPath: raw audio -> (B, T_a, n_embd) soft tokens + lengths, for the engine a
 
 import hashlib
 import inspect
+import math
+import numbers
 import os
 from functools import cached_property
 
@@ -32,6 +34,10 @@ from nanochat.whisper_weights import resolve_weights, sha256_file
 
 SAMPLE_RATE = 16000  # Hz: what Whisper's feature extractor expects; clips are stored and cached at this rate
 SILENCE_PEAK = 1e-4  # -80 dBFS: below ~3 steps of 16-bit quantisation, i.e. digital silence
+# Whisper was trained on audio in [-1, 1] (full scale). Float audio can exceed it (a float wav, a
+# gain applied upstream): such a clip is scaled down to peak 1, which keeps its shape where clipping
+# would not, and keeps the log-mel finite (past ~1e16 the power spectrum overflows float32).
+FULL_SCALE = 1.0
 
 # ---------------------------------------------------------------------------
 # Audio loading
@@ -54,29 +60,53 @@ def _to_clips(audio, sampling_rate):
             clips.append((str(item), None, None))
             continue
         if isinstance(item, torch.Tensor):
-            item = item.detach().cpu().numpy()
+            item = item.detach().cpu()
+            item = (item.float() if item.is_floating_point() else item).numpy()  # numpy has no bfloat16
         if not isinstance(item, np.ndarray):
             raise TypeError(f"audio clip {i}: expected a path, numpy array or tensor, got {type(item).__name__}")
         if rate is None:
             raise ValueError(f"audio clip {i}: an array needs its sampling_rate, "
                              f"e.g. preprocess(x, sampling_rate={SAMPLE_RATE})")
-        clips.append((f"audio clip {i}", item, int(rate)))
+        if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"audio clip {i}: sampling_rate must be a positive number of Hz, got {rate!r}")
+        clips.append((f"audio clip {i}", item, float(rate)))
     return clips
+
+
+def _file_seconds(name):
+    """A file's duration from its header, before anything is decoded; errors name the file."""
+    import soundfile as sf
+    if os.path.isdir(name):
+        raise IsADirectoryError(f"{name} is a directory, not an audio file")
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"audio file not found: {name}")
+    try:
+        info = sf.info(name)
+    except sf.SoundFileError as e:
+        raise ValueError(f"could not decode {name} as audio ({e}); use wav, flac, ogg or mp3") from None
+    return info.frames / info.samplerate
 
 
 def _load(name, samples, rate):
     """Read (if a path), downmix to mono float32; a 2D array's channel axis is its shorter one."""
     if samples is None:
         import soundfile as sf
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"audio file not found: {name}")
         try:
             samples, rate = sf.read(name, dtype="float32", always_2d=True)
         except sf.SoundFileError as e:
             raise ValueError(f"could not decode {name} as audio ({e}); use wav, flac, ogg or mp3") from None
     samples = np.asarray(samples)
+    if samples.dtype.kind not in "iuf":
+        raise ValueError(f"{name}: audio samples must be integers (PCM) or floats, got dtype {samples.dtype}")
+    if samples.size == 0:  # before the downmix: the mean of no frames is NaN
+        raise ValueError(f"{name}: empty audio (no samples)")
+    if not np.isfinite(samples).all():  # before the downmix, where inf - inf would turn into NaN
+        raise ValueError(f"{name}: audio contains NaN or inf samples")
     if samples.dtype.kind == "i":  # PCM integers: full scale is -iinfo.min (32768 for int16)
         samples = samples.astype(np.float32) / -np.iinfo(samples.dtype).min
+    elif samples.dtype.kind == "u":  # unsigned PCM (8-bit wav) is centred on half its range
+        half = (np.iinfo(samples.dtype).max + 1) // 2
+        samples = (samples.astype(np.float32) - half) / half
     if samples.ndim == 2:
         samples = samples.mean(axis=int(np.argmin(samples.shape)))
     if samples.ndim != 1:
@@ -94,7 +124,8 @@ class WhisperEncoder(nn.Module):
     as in transformers' hidden_states) concatenated on the feature axis, or "weighted" (a learnable
     softmax-weighted sum of all of them). pad: "longest" or "30s" (see the module docstring).
     model_id: an HF id or local directory (see resolve_weights). max_seconds: the longest clip
-    preprocess() accepts. The encoder runs in its checkpoint dtype (fp32); .to() changes it."""
+    preprocess() accepts (AudioPath lowers it to what the GPT's context holds). The encoder runs in
+    its checkpoint dtype (fp32); .to() changes it."""
 
     def __init__(self, model_id=None, layers="last", pad="longest", max_seconds=600.0):
         super().__init__()
@@ -109,7 +140,10 @@ class WhisperEncoder(nn.Module):
         self.feature_extractor = WhisperFeatureExtractor.from_pretrained(self.weights_dir)
         config = self.encoder.config
         self.n_layers, self.d_model, self.n_mels = config.encoder_layers, config.d_model, config.num_mel_bins
-        self.window = config.max_source_positions * self.encoder.conv1.stride[0] * self.encoder.conv2.stride[0]
+        strides = self.encoder.conv1.stride[0] * self.encoder.conv2.stride[0]
+        self.window = config.max_source_positions * strides
+        # Output frames per second of audio: 16000 / 160 / 2 = 50 for every Whisper size.
+        self.frames_per_second = self.feature_extractor.sampling_rate / self.feature_extractor.hop_length / strides
         if self.feature_extractor.feature_size != self.n_mels:
             raise ValueError(f"{self.weights_dir}: feature extractor makes {self.feature_extractor.feature_size} "
                              f"mel bins but the encoder expects {self.n_mels}")
@@ -121,10 +155,20 @@ class WhisperEncoder(nn.Module):
                 raise ValueError(f"layers must be 'last', 'weighted' or indices in 0..{self.n_layers}, got {layers!r}")
         self.layer_weights = nn.Parameter(torch.zeros(self.n_layers + 1)) if layers == "weighted" else None
         self.pad = pad
-        self.max_seconds = max_seconds
+        self.limit_seconds(max_seconds, f"max_seconds={max_seconds}: split it or raise max_seconds")
         # transformers v4 encoder layers take a positional layer_head_mask; v5 dropped it.
         v4_layer = "layer_head_mask" in inspect.signature(self.encoder.layers[0].forward).parameters
         self._layer_kwargs = {"layer_head_mask": None} if v4_layer else {}
+
+    def limit_seconds(self, max_seconds, why):
+        """Refuse clips longer than max_seconds in preprocess(), before they are decoded or encoded;
+        `why` ends the error message (the reason for the limit and the fix)."""
+        self.max_seconds, self._limit_why = max_seconds, why
+
+    def _check_seconds(self, name, seconds):
+        if seconds > self.max_seconds:
+            raise ValueError(f"{name}: {seconds:.1f} s of audio is over the {self.max_seconds:g} s limit "
+                             f"({self._limit_why})")
 
     def train(self, mode=True):
         """Train the module (the layer weights) but keep the frozen Whisper encoder in eval mode."""
@@ -163,26 +207,29 @@ class WhisperEncoder(nn.Module):
         one multichannel clip, a list is a batch) -> (log-mel features (B, n_mels, T_mel) float32,
         valid mel frames per clip (B,) long). Files are decoded with soundfile; everything is
         downmixed to mono and resampled to 16 kHz with soxr. sampling_rate (one, or one per clip) is
-        for arrays; files carry their own."""
+        for arrays; files carry their own. Float audio past full scale is scaled to peak 1 (see
+        FULL_SCALE); empty, silent, non-finite and too long clips are ValueErrors naming the clip."""
         import soxr
         fe = self.feature_extractor
         # The frame count must be even (the second conv has stride 2), or a multiple of 30 s.
         multiple = fe.n_samples if self.pad == "30s" else 2 * fe.hop_length
         mels = []
         for name, samples, rate in _to_clips(audio, sampling_rate):
+            if samples is None:
+                self._check_seconds(name, _file_seconds(name))
             samples, rate = _load(name, samples, rate)
-            if samples.size == 0:
-                raise ValueError(f"{name}: empty audio")
-            if not np.isfinite(samples).all():
-                raise ValueError(f"{name}: audio contains NaN or inf samples")
+            self._check_seconds(name, samples.size / rate)
             peak = float(np.abs(samples).max())
             if peak < SILENCE_PEAK:
                 raise ValueError(f"{name}: audio is silent (peak amplitude {peak:.2e} < {SILENCE_PEAK})")
-            if samples.size / rate > self.max_seconds:
-                raise ValueError(f"{name}: {samples.size / rate:.1f} s of audio is over max_seconds="
-                                 f"{self.max_seconds}; split it or raise max_seconds")
+            if peak > FULL_SCALE:
+                samples = samples * np.float32(FULL_SCALE / peak)
             if rate != fe.sampling_rate:
+                n = samples.size
                 samples = soxr.resample(samples, rate, fe.sampling_rate)
+                if samples.size == 0:
+                    raise ValueError(f"{name}: {n} samples at {rate:g} Hz are shorter than one sample at "
+                                     f"{fe.sampling_rate} Hz")
             samples = np.pad(samples, (0, -samples.size % multiple))
             # One clip at a time so each clip's log-mel (its max-8 dB floor) ignores the rest of the batch.
             mel = fe(samples, sampling_rate=fe.sampling_rate, padding="longest", truncation=False,
@@ -220,6 +267,8 @@ class WhisperEncoder(nn.Module):
         T_enc = T_mel // 2 and frames past a clip's length are zero. Lengths must be even."""
         conv1 = self.encoder.conv1
         features = features.to(device=conv1.weight.device, dtype=conv1.weight.dtype)
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("log-mel features contain NaN or inf: compute them with preprocess()")
         B, _, T = features.shape
         lengths = torch.full((B,), T) if lengths is None else lengths.cpu().long()
         if not ((lengths > 0) & (lengths <= T) & (lengths % 2 == 0)).all():
@@ -299,12 +348,19 @@ class Projector(nn.Module):
 
 
 class AudioPath(nn.Module):
-    """Raw audio -> preprocess -> frozen encoder -> projector -> GPT soft tokens (B, T_a, n_embd)."""
+    """Raw audio -> preprocess -> frozen encoder -> projector -> GPT soft tokens (B, T_a, n_embd).
 
-    def __init__(self, n_embd, stack=1, **encoder_kwargs):
+    context: the GPT's sequence_len. Unless max_seconds is given, a clip is refused before it is
+    encoded when its soft tokens alone (frames_per_second / stack a second) would fill that context."""
+
+    def __init__(self, n_embd, stack=1, context=None, **encoder_kwargs):
         super().__init__()
         self.encoder = WhisperEncoder(**encoder_kwargs)
         self.projector = Projector(self.encoder.out_dim, n_embd, stack)
+        if context is not None and "max_seconds" not in encoder_kwargs:
+            per_second = self.encoder.frames_per_second / stack
+            self.encoder.limit_seconds(context / per_second, f"at {per_second:g} soft tokens a second it would fill "
+                                                             f"the model's {context}-position context: trim or split it")
 
     def forward(self, audio, sampling_rate=None):
         """Returns (soft tokens (B, T_a, n_embd) in the compute dtype, valid lengths (B,)); rows past a

@@ -4,6 +4,7 @@ the master-weight Linear, the base directory, logging and atomic file writes."""
 import functools
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -30,6 +31,20 @@ def print0(*args, **kwargs):
     """print() on rank 0 only, so a torchrun job prints each line once."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs)
+
+
+def run_cli(main, argv=None):
+    """Run an entry point's main(argv) and return its exit status: bad input (OSError, ValueError:
+    a missing or damaged file, an impossible setting) prints one line `error: ...` and returns 1
+    instead of a traceback. NANOCHAT_DEBUG=1 keeps the traceback."""
+    try:
+        main(argv)
+    except (OSError, ValueError) as exc:
+        if os.environ.get("NANOCHAT_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------

@@ -112,11 +112,24 @@ def _rank_units(split, rank, world_size, data_dir):
     return units[rank::world_size], parts
 
 
+def _tokenize(tokenizer, texts, rows, path, row_group, threads):
+    """BOS + tokens of texts[j] for each j in rows; a document that cannot be encoded is a ValueError
+    naming its shard, row group and row."""
+    try:
+        return tokenizer.encode([texts[j] for j in rows], prepend=tokenizer.get_bos_token_id(), num_threads=threads)
+    except (TypeError, ValueError):
+        for j in rows:
+            try:
+                tokenizer.encode(texts[j])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: row group {row_group}, row {j} cannot be tokenised ({e})") from None
+        raise
+
+
 def _document_stream(tokenizer, units, parts, start, threads, batch_size):
     """(doc_id, tokens) forever, epoch after epoch, from start = (epoch, unit, first doc index).
     doc_id = (epoch, shard, row group, doc index), which sorts in reading order."""
     epoch, first_unit, first_doc = start
-    bos = tokenizer.get_bos_token_id()
     while True:
         found = False
         for u in range(first_unit, len(units)):
@@ -125,8 +138,7 @@ def _document_stream(tokenizer, units, parts, start, threads, batch_size):
             mine = [j for j in range(first_doc, len(texts)) if j % parts == part]
             for b in range(0, len(mine), batch_size):
                 batch = mine[b:b + batch_size]
-                tokens = tokenizer.encode([texts[j] for j in batch], prepend=bos, num_threads=threads)
-                for j, ids in zip(batch, tokens):
+                for j, ids in zip(batch, _tokenize(tokenizer, texts, batch, path, rg, threads)):
                     found = True
                     yield (epoch, shard, rg, j), ids
             first_doc = 0
@@ -160,11 +172,10 @@ def open_packer(tokenizer, split, rank=0, world_size=1, resume_state_dict=None, 
     start = (state["epoch"], find(state["shard"], state["row_group"])[0], state["doc"] + 1)
     stream = _document_stream(tokenizer, units, parts, start, tokenizer_threads, tokenizer_batch_size)
     packer = BestFitPacker(stream, buffer_size)
-    bos = tokenizer.get_bos_token_id()
     for epoch, shard, rg, docs in state["buffer"]:
-        texts = read_row_group(find(shard, rg)[1], rg)
-        tokens = tokenizer.encode([texts[j] for j in docs], prepend=bos, num_threads=tokenizer_threads)
-        for j, ids in zip(docs, tokens):
+        path = find(shard, rg)[1]
+        texts = read_row_group(path, rg)
+        for j, ids in zip(docs, _tokenize(tokenizer, texts, docs, path, rg, tokenizer_threads)):
             packer.add((epoch, shard, rg, j), ids)
     packer.last_id = last
     return packer

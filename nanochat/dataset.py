@@ -75,7 +75,12 @@ def read_row_group(path, row_group):
     except (pa.ArrowException, OSError) as e:
         raise RuntimeError(f"{path}: row group {row_group} is unreadable ({e}); the shard is corrupt: "
                            f"{FIX_HINT}") from e
-    return table.column("text").to_pylist()
+    texts = table.column("text").to_pylist()
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: row group {row_group}, row {row}: the text is {text!r:.40} "
+                             f"({type(text).__name__}), not a string; {FIX_HINT}")
+    return texts
 
 
 def split_shards(split, data_dir=None):

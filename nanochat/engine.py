@@ -5,18 +5,36 @@ cache rows as it has samples; then all rows decode together, one token per step,
 own position, and a row that finishes leaves the batch. So prompts of different lengths, and clips
 of different lengths, share one batch without padding, and every row computes exactly what a full
 forward over it would.
+
+Context policy: a request must fit in the context the model was trained on (GPTConfig.sequence_len,
+text tokens and soft audio tokens together). The rotary tables reach further (10x), but the model
+never saw those positions, so a longer request is refused with the numbers instead of run
+(context_budget, which the Engine and any scheduler call). Clips are refused earlier still, before
+they are encoded (AudioPath's context limit).
 """
 
 import argparse
 import ast
+import math
+import numbers
 import operator
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 
 from nanochat.common import COMPUTE_DTYPE, compute_init, logger, setup_logging
+
+
+def _free_memory(device):
+    """Bytes free on a CPU or CUDA device; None where torch cannot say (MPS)."""
+    if device.type == "cpu":
+        return psutil.virtual_memory().available
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return None
 
 
 class KVPositions:
@@ -47,6 +65,10 @@ class KVCache:
         head_dim = cfg.n_embd // cfg.n_head
         shape = (cfg.n_layer, batch_size, seq_len, cfg.n_kv_head, head_dim)
         device = model.get_device()
+        need, free = 2 * math.prod(shape) * COMPUTE_DTYPE.itemsize, _free_memory(device)
+        if free is not None and need > free:  # on CPU, zero-filling past it would wake the OOM killer
+            raise ValueError(f"a KV cache of {batch_size} rows x {seq_len} positions needs {need / 1e9:.3g} GB and "
+                             f"{device} has {free / 1e9:.3g} GB free: ask for fewer samples, prompts or tokens")
         self.k = torch.zeros(shape, dtype=COMPUTE_DTYPE, device=device)
         self.v = torch.zeros(shape, dtype=COMPUTE_DTYPE, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # host side, see KVPositions
@@ -86,24 +108,86 @@ class KVCache:
 
 
 # ---------------------------------------------------------------------------
+# What a request may ask: the one place every caller (Engine, a server's scheduler) checks it
+
+
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _finite(x):
+    """A real number that is finite as a float (an int past 1e308 is not)."""
+    try:
+        return _is_real(x) and math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def check_sampling(temperature=1.0, top_k=None, top_p=None):
+    """Raise a ValueError naming the parameter if temperature, top_k or top_p cannot sample."""
+    if not _finite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):  # NaN fails the comparison too
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def check_request(num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+    """Raise a ValueError naming the parameter for anything a generation request cannot mean."""
+    if not _is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be None (the rest of the context) or an int >= 1, got {max_tokens!r}")
+    if not _is_int(seed) or not -2 ** 63 <= seed < 2 ** 64:  # the range torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
+    check_sampling(temperature, top_k, top_p)
+
+
+def context_budget(sequence_len, positions, max_tokens=None):
+    """How many tokens a request may generate: max_tokens, or with None the rest of the context.
+
+    positions: what the prompt fills (text tokens plus soft audio tokens). Refuses a request that
+    does not fit in the model's trained context (sequence_len) with the numbers and the fix."""
+    room = sequence_len - positions
+    if room < 1:
+        raise ValueError(f"request too long: the prompt fills {positions} positions (text tokens + soft audio "
+                         f"tokens) of the model's {sequence_len}-position context (its training sequence_len), "
+                         f"leaving no room for a reply: shorten the prompt or the clip")
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise ValueError(f"request too long: {positions} prompt positions + max_tokens {max_tokens} > the model's "
+                         f"{sequence_len}-position context (its training sequence_len): lower max_tokens to at "
+                         f"most {room}, or shorten the prompt or the clip")
+    return max_tokens
+
+
+# ---------------------------------------------------------------------------
 # Sampling
+
+MIN_TEMPERATURE = 1e-30
 
 
 def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=None):
     """One token per row of logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
+    if not bool(torch.isfinite(logits).all()):  # argmax would pick a NaN, multinomial would fail deep inside
+        raise ValueError("the model produced NaN or inf logits: its weights or its inputs (audio features) "
+                         "are not finite")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # float(): torch refuses Python ints past int64. The floor keeps 15 / T finite in fp32 (T = 1e-38 made
+    # inf, then NaN probabilities); at it sampling is already greedy.
+    logits = logits / max(float(temperature), MIN_TEMPERATURE)
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(dim=-1) - probs > top_p  # mass before a token already exceeds p
@@ -194,21 +278,40 @@ class Engine:
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 
     def _prompts_and_audio(self, tokens, audio_features):
-        prompts = [tokens] if tokens and isinstance(tokens[0], int) else tokens
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: give at least one token (e.g. <|bos|>)")
+        """(prompts as lists of ints, one (1, T_a, n_embd) tensor or None per prompt), checked."""
+        if not isinstance(tokens, (list, tuple)):
+            raise ValueError(f"tokens must be a list of token ids or a list of such lists, got {type(tokens).__name__}")
+        prompts = [tokens] if any(_is_int(t) for t in tokens) else tokens
+        if not prompts or any(not isinstance(p, (list, tuple)) or len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: give each prompt at least one token (e.g. <|bos|>)")
         vocab = self.model.config.vocab_size
         for p in prompts:
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in p):
+            if any(not _is_int(t) or not 0 <= t < vocab for t in p):
                 raise ValueError(f"prompt tokens must be ints in [0, {vocab})")
+        prompts = [[int(t) for t in p] for p in prompts]
         if audio_features is None or torch.is_tensor(audio_features):
             audio = [audio_features] * len(prompts)
-        else:
+        elif isinstance(audio_features, (list, tuple)):
             audio = list(audio_features)
+        else:
+            raise ValueError(f"audio_features must be None, a tensor or a list, got {type(audio_features).__name__}")
         if len(audio) != len(prompts):
             raise ValueError(f"{len(audio)} audio inputs for {len(prompts)} prompts")
-        audio = [a if a is None or a.dim() == 3 else a.unsqueeze(0) for a in audio]
-        return prompts, audio
+        return prompts, [self._check_audio(i, a) for i, a in enumerate(audio)]
+
+    def _check_audio(self, i, clip):
+        """One prompt's soft audio tokens as (1, T_a, n_embd), or a ValueError naming what is wrong."""
+        if clip is None:
+            return None
+        n_embd = self.model.config.n_embd
+        if not torch.is_tensor(clip) or not clip.is_floating_point():
+            raise ValueError(f"audio_features of prompt {i} must be a float tensor, got {clip!r:.60}")
+        clip = clip if clip.dim() != 2 else clip.unsqueeze(0)
+        if clip.dim() != 3 or clip.size(0) != 1 or clip.size(2) != n_embd:
+            raise ValueError(f"audio_features of prompt {i} must be (1, T_a, {n_embd}), got {tuple(clip.shape)}")
+        if not bool(torch.isfinite(clip).all()):
+            raise ValueError(f"audio_features of prompt {i} contain NaN or inf (a broken clip or projector)")
+        return clip
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
@@ -219,16 +322,14 @@ class Engine:
 
         tokens: one prompt (list of ints) or several (list of lists); rows are prompt-major, each
         prompt repeated num_samples times. audio_features: None, one (1, T_a, n_embd) tensor for
-        every prompt, or a list with one tensor (or None) per prompt."""
+        every prompt, or a list with one tensor (or None) per prompt. max_tokens None: as many as
+        the longest prompt leaves room for in the model's context (see context_budget); a request
+        that does not fit is a ValueError, raised before any work, as are bad parameters."""
         prompts, audio = self._prompts_and_audio(tokens, audio_features)
+        check_request(num_samples, max_tokens, temperature, top_k, top_p, seed)
         model, device = self.model, self.model.get_device()
         lengths = [len(p) + (0 if a is None else a.size(1)) for p, a in zip(prompts, audio)]
-        if max_tokens is None:
-            max_tokens = max(1, model.config.sequence_len - max(lengths))
-        limit = model.cos.size(0)
-        if max(lengths) + max_tokens > limit:
-            raise ValueError(f"request too long: {max(lengths)} prompt positions + {max_tokens} new tokens "
-                             f"> {limit} positions the model supports")
+        max_tokens = context_budget(model.config.sequence_len, max(lengths), max_tokens)
 
         cache = KVCache(model, len(prompts) * num_samples, max(lengths) + max_tokens)
         first_logits = []
@@ -244,7 +345,7 @@ class Engine:
         generator = torch.Generator(device=device).manual_seed(seed)
         rows = [_Row() for _ in range(logits.size(0))]
         running = list(range(len(rows)))  # the rows in the cache and in logits, in that order
-        for _ in range(max_tokens):
+        for step in range(max_tokens):
             sampled = sample_next_token(logits, generator, temperature, top_k, top_p).tolist()
             column, masks = [row.stop_token for row in rows], [0] * len(rows)
             for r, token in zip(running, sampled):
@@ -257,7 +358,7 @@ class Engine:
                 self._observe(row, token)
             yield column, masks
             still = [i for i, r in enumerate(running) if not rows[r].completed]
-            if not still:
+            if not still or step == max_tokens - 1:  # no forward for a token nobody will sample
                 return
             if len(still) < len(running):
                 cache.keep(still)

@@ -53,28 +53,30 @@ def build_items(tasks, text_mix=0.0, typed=None):
     return items
 
 
-def epoch_batches(durations, batch_size, world_size, seed, epoch):
-    """One epoch's batches (lists of item indices), identical on every rank: a seeded shuffle, cut to
-    a multiple of batch_size x world_size, sorted by duration within windows, cut, shuffled again."""
+def epoch_batches(durations, global_batch, seed, epoch):
+    """One epoch's global batches (lists of global_batch item indices): a seeded shuffle, cut to a
+    multiple of global_batch, sorted by duration within windows, cut, shuffled again. They depend
+    only on the global batch, so N ranks of B items see per step what one process of N x B sees."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(durations), generator=g).tolist()
-    order = order[:len(order) - len(order) % (batch_size * world_size)]
-    window = batch_size * BUCKET_WINDOW
+    order = order[:len(order) - len(order) % global_batch]
+    window = global_batch * BUCKET_WINDOW
     batches = []
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: durations[i])
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        batches += [chunk[k:k + global_batch] for k in range(0, len(chunk), global_batch)]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def batch_stream(durations, batch_size, rank, world_size, seed, state=None):
-    """Endless (item indices, state) of this rank's batches; `state` ({"epoch", "batch"}) is where a
-    resumed stream continues, i.e. the batch after the one it comes with."""
+    """Endless (item indices, state) of this rank's batches: every world_size-th item of each global
+    batch (so ranks get alike durations); `state` ({"epoch", "batch"}) is where a resumed stream
+    continues, i.e. the batch after the one it comes with."""
     epoch, start = (0, 0) if state is None else (state["epoch"], state["batch"])
     while True:
-        mine = epoch_batches(durations, batch_size, world_size, seed, epoch)[rank::world_size]
-        for j in range(start, len(mine)):
-            yield mine[j], {"epoch": epoch, "batch": j + 1}
+        batches = epoch_batches(durations, batch_size * world_size, seed, epoch)
+        for j in range(start, len(batches)):
+            yield batches[j][rank::world_size], {"epoch": epoch, "batch": j + 1}
         epoch, start = epoch + 1, 0
 
 
@@ -145,15 +147,21 @@ def prepare_cache(model, cache, items, rank, world_size, max_gb=None):
         print0(f"feature cache pruned: {deleted:,} entries ({freed / 1e9:.2f} GB) deleted, {left / 1e9:.2f} GB left")
 
 
-def speech_step(model, tokenizer, cache, items, stream, max_tokens, device):
+def speech_step(model, tokenizer, cache, items, stream, max_tokens, device, world_size=1):
     """A step function for nanochat.training.train: the next batch of `stream` (batch_stream over
-    `items`), its frames from the cache, one forward and backward of the mean reply loss."""
+    `items`), its frames from the cache, one forward and backward of the reply loss: the mean over
+    every rank's graded tokens, as one process with the whole global batch would take it (ranks
+    grade different numbers of tokens; the optimizer averages their gradients)."""
 
     def step_fn(step):
         batch, state = next(stream)
         examples = make_examples(model, tokenizer, cache, [items[i] for i in batch], max_tokens)
-        loss = model(*collate(examples, device))
-        loss.backward()
-        return StepOutput(loss, count_positions(model, examples), state, {"epoch": state["epoch"]})
+        idx, targets, frames, lengths = collate(examples, device)
+        loss_sum = model(idx, targets, frames, lengths, loss_reduction="sum")
+        totals = torch.stack([loss_sum.detach().float(), (targets >= 0).sum().float()])
+        if world_size > 1:
+            dist.all_reduce(totals)
+        (loss_sum * (world_size / totals[1])).backward()
+        return StepOutput(totals[0] / totals[1], count_positions(model, examples), state, {"epoch": state["epoch"]})
 
     return step_fn

@@ -12,7 +12,7 @@ import jiwer
 import torch
 
 from nanochat.common import print0
-from nanochat.engine import Engine
+from nanochat.engine import Engine, context_budget
 from nanochat.feature_cache import encode_with_cache
 from nanochat.speech_batches import collate, make_examples
 
@@ -62,7 +62,8 @@ def transcription_scores(rows, references, replies):
 @torch.no_grad()
 def generate_replies(model, engine, tokenizer, conversations, frames, max_tokens=64, batch_size=16):
     """Greedy assistant replies (text) to conversations (their reference reply dropped), each with its
-    cached frames (T, ...) or None."""
+    cached frames (T, ...) or None. A reply ends at max_tokens, or earlier where the batch's longest
+    prompt fills the model's context (see engine.context_budget)."""
     replies = []
     for start in range(0, len(conversations), batch_size):
         convs = conversations[start:start + batch_size]
@@ -74,7 +75,9 @@ def generate_replies(model, engine, tokenizer, conversations, frames, max_tokens
             else:
                 tokens, _ = model.soft_tokens(f[None].to(model.gpt.get_device()), torch.tensor([f.size(0)]))
                 audio.append(tokens)
-        sequences, _ = engine.generate_batch(prompts, max_tokens=max_tokens, temperature=0.0, audio_features=audio)
+        longest = max(len(p) + (0 if a is None else a.size(1)) for p, a in zip(prompts, audio))
+        budget = min(max_tokens, context_budget(model.gpt.config.sequence_len, longest))
+        sequences, _ = engine.generate_batch(prompts, max_tokens=budget, temperature=0.0, audio_features=audio)
         replies.extend(tokenizer.decode(seq[len(p):]) for seq, p in zip(sequences, prompts))
     return replies
 

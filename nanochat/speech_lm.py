@@ -1,6 +1,6 @@
 """The speech LM: a frozen Whisper encoder and a projector in front of the GPT (LLaVA / Ultravox style).
 
-    SpeechLM(gpt, AudioPath(n_embd, stack, model_id=..., layers=..., pad=...))
+    SpeechLM(gpt, AudioPath(n_embd, stack, context=sequence_len, model_id=..., layers=..., pad=...))
 
 Training reads encoder frames from the on-disk FeatureCache (nanochat.speech_batches), so only the
 projector (and the GPT in stage 2) runs per step; chat runs the whole path on raw audio
@@ -119,10 +119,11 @@ def encoder_meta(model, model_id):
             "layers": enc.layers, "pad": enc.pad, "stack": model.projector.stack, "out_dim": enc.out_dim}
 
 
-def build_audio_path(n_embd, encoder):
-    """An AudioPath from encoder_meta(); refuses Whisper weights other than the ones trained with."""
-    audio = AudioPath(n_embd, encoder["stack"], model_id=encoder["model_id"], layers=encoder["layers"],
-                      pad=encoder["pad"])
+def build_audio_path(config, encoder):
+    """An AudioPath for a GPT of this config from encoder_meta(); refuses Whisper weights other than
+    the ones trained with, and clips longer than the GPT's context holds."""
+    audio = AudioPath(config.n_embd, encoder["stack"], context=config.sequence_len, model_id=encoder["model_id"],
+                      layers=encoder["layers"], pad=encoder["pad"])
     if audio.encoder.cache_key != encoder["cache_key"]:
         raise ValueError(f"the Whisper weights found ({audio.encoder.weights_dir}, {audio.encoder.cache_key}) are not "
                          f"the ones this checkpoint was trained with ({encoder['weights_dir']}, {encoder['cache_key']}); "
@@ -154,7 +155,7 @@ def load_speech_lm(checkpoint_dir, step=None, device="cpu", phase="eval"):
 def speech_lm_from_state(model_state, meta, device="cpu", phase="eval"):
     """The SpeechLM of a loaded audio checkpoint (load_checkpoint's model_state and meta)."""
     gpt = gpt_from_state(model_state, meta, device, phase)
-    model = SpeechLM(gpt, build_audio_path(gpt.config.n_embd, meta["encoder"]).to(device))
+    model = SpeechLM(gpt, build_audio_path(gpt.config, meta["encoder"]).to(device))
     model.load_state_dicts(model_state)
     model.train(phase == "train")
     return model

@@ -7,6 +7,13 @@ A saved tokenizer is a directory of three files, none of which can run code when
   token_bytes.pt            a LongTensor of UTF-8 bytes per token, loaded with weights_only=True
 The special tokens are stored in the file, so tokens appended to SPECIAL_TOKENS later do not
 change the ids of a tokenizer that was saved before.
+
+Any text encodes. tiktoken's regex engine (fancy-regex) gives up past a fixed number of
+backtracking steps, and the split pattern backtracks once per character of a whitespace run: a run
+of ~1M spaces made encode panic (a PanicException, which is a BaseException) and kill the caller.
+So tiktoken only sees text whose whitespace runs are shorter than MAX_WHITESPACE_RUN; other text is
+split with the `regex` package (the same pattern and pieces, no such limit) and each piece is
+byte-pair encoded by tiktoken: the same ids, more slowly.
 """
 
 import base64
@@ -14,7 +21,9 @@ import hashlib
 import json
 import logging
 import os
+from functools import cached_property
 
+import regex
 import rustbpe
 import tiktoken
 import torch
@@ -45,6 +54,15 @@ SPECIAL_TOKENS = [
     "<|output_end|>",
 ]
 
+# Measured with SPLIT_PATTERN (tiktoken 0.14): runs of 800k spaces encode, 1M spaces or 2M tabs panic.
+MAX_WHITESPACE_RUN = 100_000
+# A split pattern from a tokenizer file (SPLIT_PATTERN itself is checked by the tests) is probed
+# when it loads: on text with every kind of character, and on runs as long as tiktoken may be given.
+PROBE_TEXT = ("The naïve café's 1,234.5 \"quotes\" -- don't, Straße, Ελληνικά, 東京, العربية, 😀 👍🏽 \t\r\n\n"
+              "  x  \u3000\u00a0 end!!\n" + "".join(c * 40 + "x" for c in " \t\n!1a東"))
+PROBE_RUNS = [*(c * (MAX_WHITESPACE_RUN - 1) + tail for c in " \t\n\u3000" for tail in ("", "x")),
+              *(c * MAX_WHITESPACE_RUN for c in "a1!東")]
+PROBE_SECONDS = 2.0  # for `regex` to split one probe (SPLIT_PATTERN: at most 0.05 s); longer is runaway backtracking
 FORMAT_VERSION = 1
 CONFIG_FILE = "tokenizer.json"
 RANKS_FILE = "mergeable_ranks.tiktoken"
@@ -152,9 +170,32 @@ class Tokenizer:
             raise _bad_file(config_path, f"vocab_size {config['vocab_size']} != {len(ranks)} BPE tokens "
                                          f"+ {len(config['special_tokens'])} special tokens")
         try:
-            return cls(config["pattern"], ranks, config["special_tokens"], path=path)
+            tokenizer = cls(config["pattern"], ranks, config["special_tokens"], path=path)
+            if tokenizer.pattern != SPLIT_PATTERN:
+                tokenizer.check_pattern()
         except ValueError as e:
             raise _bad_file(config_path, f"unusable pattern or tokens ({e})") from None
+        return tokenizer
+
+    def check_pattern(self):
+        """Raise a ValueError unless the split pattern covers all of PROBE_TEXT (a pattern that skips
+        characters drops them from the encoding) and splits it in tiktoken as in `regex`, and neither
+        engine fails or backtracks for seconds on PROBE_RUNS (long whitespace runs go through `regex`)."""
+        try:
+            split = self._split
+        except regex.error as e:
+            raise ValueError(f"the pattern is not a regular expression `regex` reads ({e})") from None
+        for probe in [PROBE_TEXT, *PROBE_RUNS]:
+            ids = _no_panic(self.enc.encode_ordinary, probe)  # fails fast: fancy-regex has a backtracking limit
+            try:
+                pieces = [m.group() for m in split.finditer(probe, timeout=PROBE_SECONDS)]
+            except TimeoutError:
+                raise ValueError(f"the pattern takes over {PROBE_SECONDS} s to split {len(probe):,} characters "
+                                 f"{probe[:12]!r}...") from None
+            if probe is PROBE_TEXT and "".join(pieces) != probe:
+                raise ValueError("the pattern's pieces leave characters out: they would be dropped from the encoding")
+            if probe is PROBE_TEXT and ids != self._encode_pieces(probe):
+                raise ValueError("tiktoken and `regex` split text differently with this pattern")
 
     def save(self, path):
         """Write the tokenizer directory. Each file is written atomically and the config, which
@@ -204,15 +245,40 @@ class Tokenizer:
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
         """Token ids of a string, or of each string of a list. Special-token strings in the text are
-        encoded as ordinary text; prepend/append (an id or a special token name) add real ones."""
+        encoded as ordinary text; prepend/append (an id or a special token name) add real ones.
+        Any string encodes (see the module docstring); anything else is a TypeError."""
         head = [] if prepend is None else [self._token_id(prepend)]
         tail = [] if append is None else [self._token_id(append)]
         if isinstance(text, str):
-            return head + self.enc.encode_ordinary(text) + tail
-        if isinstance(text, list):
-            batch = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
-            return [head + ids + tail for ids in batch]
-        raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
+            return head + self._encode_ordinary(text) + tail
+        if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
+            raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}"
+                            + (" with non-str items" if isinstance(text, list) else ""))
+        plain = [i for i, t in enumerate(text) if not _has_long_whitespace_run(t)]
+        ids = {i: self._encode_pieces(text[i]) for i in sorted(set(range(len(text))) - set(plain))}
+        ids.update(zip(plain, _no_panic(self.enc.encode_ordinary_batch, [text[i] for i in plain],
+                                        num_threads=num_threads)))
+        return [head + ids[i] + tail for i in range(len(text))]
+
+    def _encode_ordinary(self, text):
+        if _has_long_whitespace_run(text):
+            return self._encode_pieces(text)
+        return _no_panic(self.enc.encode_ordinary, text)
+
+    @cached_property
+    def _split(self):
+        return regex.compile(self.pattern)
+
+    @cached_property
+    def _piece_encoder(self):
+        """tiktoken with a pattern that never splits: byte-pair encodes one piece as it is."""
+        return tiktoken.Encoding(name="nanochat-piece", pat_str=r"[\s\S]+", mergeable_ranks=self.mergeable_ranks,
+                                 special_tokens={})
+
+    def _encode_pieces(self, text):
+        """encode_ordinary without tiktoken's regex: split with `regex`, then byte-pair encode each piece."""
+        bpe = self._piece_encoder.encode_ordinary
+        return [i for m in self._split.finditer(text) for i in _no_panic(bpe, m.group())]
 
     __call__ = encode
 
@@ -284,6 +350,26 @@ class Tokenizer:
             messages = messages[:-1]
         ids, _ = self._render_messages(messages)
         return ids + [self._special_ids["<|assistant_start|>"]]
+
+
+def _has_long_whitespace_run(text):
+    """False only if every whitespace run in text is shorter than MAX_WHITESPACE_RUN: a run of
+    2k - 1 or more characters covers a whole window [i, i + k) with i a multiple of k, so checking
+    those windows (one cheap str.isspace each) finds it. str.isspace holds for every character the
+    pattern's \\s matches (Unicode White_Space), and for a few control characters too."""
+    k = MAX_WHITESPACE_RUN // 2
+    return any(text[i:i + k].isspace() for i in range(0, len(text) - k + 1, k))
+
+
+def _no_panic(method, *args, **kwargs):
+    """A tiktoken call whose Rust panic (a BaseException that would get past `except Exception`)
+    becomes a ValueError."""
+    try:
+        return method(*args, **kwargs)
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise ValueError(f"tiktoken cannot encode this text with the split pattern ({e})") from None
 
 
 def get_tokenizer():

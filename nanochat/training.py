@@ -245,7 +245,7 @@ class Start:
 
 def resume(checkpoint_dir, device, rank=0, world_size=1):
     """The Start of a run resumed from the last complete checkpoint in checkpoint_dir."""
-    step = last_step(checkpoint_dir)
+    step = last_step(checkpoint_dir, say_fallback=True)
     if step is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoint_dir}")
     model_state, optimizer_state, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)

@@ -15,12 +15,13 @@ splits: audio_eval_<split>.md); the last line printed is one JSON object with ev
 import argparse
 import json
 import os
+import sys
 import time
 from collections import defaultdict
 
 import torch
 
-from nanochat.common import atomic_write, compute_init, get_base_dir, setup_logging
+from nanochat.common import atomic_write, compute_init, get_base_dir, run_cli, setup_logging
 from nanochat.engine import Engine
 from nanochat.feature_cache import FeatureCache, encode_with_cache
 from nanochat.speech_data import default_data_dir
@@ -137,4 +138,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

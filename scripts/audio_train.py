@@ -15,13 +15,14 @@ checkpoints are atomic and --resume continues exactly where the last one stopped
 import argparse
 import dataclasses
 import json
+import sys
 
 import torch
 import torch.distributed as dist
 
 from nanochat.audio import AudioPath
 from nanochat.checkpoint import build_model, checkpoint_dir_for
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, setup_logging
+from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, run_cli, setup_logging
 from nanochat.feature_cache import FeatureCache
 from nanochat.speech_batches import batch_stream, build_items, prepare_cache, speech_step
 from nanochat.speech_data import default_data_dir
@@ -87,7 +88,8 @@ def start_model(args, start, device, rank, world_size):
         checkpoint_dir = checkpoint_dir_for(args.source, args.model_tag)
         gpt, meta = build_model(checkpoint_dir, args.model_step, device, phase="train")
         layers = args.layers if args.layers in ("last", "weighted") else [int(i) for i in args.layers.split(",")]
-        audio = AudioPath(gpt.config.n_embd, args.stack, model_id=whisper_id(args.whisper), layers=layers, pad=args.pad)
+        audio = AudioPath(gpt.config.n_embd, args.stack, context=gpt.config.sequence_len,
+                          model_id=whisper_id(args.whisper), layers=layers, pad=args.pad)
         model = SpeechLM(gpt, audio.to(device))
         origin = {"source": args.source, "checkpoint_dir": checkpoint_dir, "step": meta["step"]}
         encoder = encoder_meta(model, whisper_id(args.whisper))
@@ -154,7 +156,7 @@ def train(args):
               wandb_name=args.run)
     schedule = Schedule(num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
     summary = {"stage": args.stage, **train_loop(model, optimizer, schedule, speech_step(
-        model, tokenizer, cache, items, stream, max_tokens, device), run, start, evaluate)}
+        model, tokenizer, cache, items, stream, max_tokens, device, world_size), run, start, evaluate)}
     print0(json.dumps(summary))
     compute_cleanup()
     return model, summary
@@ -166,4 +168,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -8,11 +8,12 @@ Writes base_dir/report/base_eval.md and prints a final JSON line.
 import argparse
 import json
 import os
+import sys
 
 import torch
 
 from nanochat.checkpoint import checkpoint_dir_for, load_model
-from nanochat.common import atomic_write, compute_init, get_base_dir, print0, setup_logging
+from nanochat.common import atomic_write, compute_init, get_base_dir, print0, run_cli, setup_logging
 from nanochat.dataloader import tokenizing_distributed_data_loader_bestfit
 from nanochat.loss_eval import evaluate_copy, val_bpb
 from nanochat.tokenizer import get_token_bytes
@@ -61,4 +62,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     with torch.inference_mode():
-        main()
+        sys.exit(run_cli(main))

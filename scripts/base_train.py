@@ -13,11 +13,12 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 
 import torch
 
 from nanochat.checkpoint import checkpoint_dir_for
-from nanochat.common import compute_cleanup, compute_dtype, compute_init, print0, setup_logging
+from nanochat.common import compute_cleanup, compute_dtype, compute_init, print0, run_cli, setup_logging
 from nanochat.dataloader import tokenizing_distributed_data_loader_bestfit
 from nanochat.gpt import build_gpt, config_for_depth
 from nanochat.loss_eval import val_bpb
@@ -132,4 +133,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens")
-    p.add_argument("--max-tokens", type=int, default=256, help="reply length limit")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="reply length limit (default: the rest of the model's context)")
     p.add_argument("--seed", type=int, default=42,
                    help="sampling seed (offset by the conversation length at each reply)")
     p.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")

@@ -393,3 +393,70 @@ def test_bad_input_errors(case, speech, tiny_dir, enc, tmp_path):
             WhisperEncoder(tiny_dir, max_seconds=2).preprocess(samples, rate)
         else:
             enc.preprocess(samples)
+
+
+@pytest.mark.parametrize("rate", [0, -16000, float("nan"), float("inf"), "16000", True])
+def test_bad_sampling_rate_names_it(speech, enc, rate):
+    with pytest.raises(ValueError, match="audio clip 0: sampling_rate must be a positive number"):
+        enc.preprocess(speech[0], rate)
+
+
+def test_empty_file_and_directory_name_the_path(enc, tmp_path):
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros((0, 1), np.float32), 16000)
+    with pytest.raises(ValueError, match=f"{empty}: empty audio"):
+        enc.preprocess(empty)
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory"):
+        enc.preprocess(tmp_path)
+
+
+def test_sample_formats(speech, enc):
+    samples, rate = speech
+    samples = samples / np.abs(samples).max() * 0.9
+    as_int8 = np.round(samples * 127).astype(np.int8)
+    direct, _ = enc.preprocess(as_int8, rate)
+    as_uint8, _ = enc.preprocess((as_int8.astype(np.int16) + 128).astype(np.uint8), rate)  # 8-bit wav is unsigned
+    torch.testing.assert_close(as_uint8, direct, rtol=0, atol=0)
+    for bad in (samples.astype(np.complex64), samples > 0, samples.astype(str)):
+        with pytest.raises(ValueError, match="samples must be integers .* or floats"):
+            enc.preprocess(bad, rate)
+
+
+def test_float_audio_past_full_scale_is_scaled_to_peak_one(speech, enc):
+    """Any finite amplitude gives finite features: a clip over full scale reads like the same clip
+    at peak 1 (1e20 used to overflow the log-mel into NaN); a clip under full scale is untouched."""
+    samples, rate = speech
+    at_peak_one = samples / np.abs(samples).max()
+    reference, _ = enc.preprocess(at_peak_one, rate)
+    for gain in (1.5, 1e6, 1e20):
+        loud, _ = enc.preprocess(at_peak_one * np.float32(gain), rate)
+        assert torch.isfinite(loud).all()
+        torch.testing.assert_close(loud, reference, rtol=0, atol=1e-4)  # float32 rounding of the gain
+    quiet, _ = enc.preprocess(at_peak_one * np.float32(0.5), rate)
+    assert (quiet - reference).abs().max() > 0.01
+    with pytest.raises(ValueError, match="log-mel features contain NaN"):
+        enc.encode(torch.full((1, 80, 100), float("nan")))
+
+
+def test_context_limits_clip_length_before_encoding(speech, tiny_dir, tmp_path):
+    """A GPT of 100 positions and a stack of 4 (12.5 soft tokens a second) takes clips up to 8 s;
+    a longer one is refused before the encoder runs, a file before it is even decoded."""
+    samples, rate = speech
+    path = AudioPath(64, stack=4, context=100, model_id=tiny_dir)
+    assert path.encoder.max_seconds == pytest.approx(8.0)
+    calls = []
+    hook = path.encoder.encoder.conv1.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        long_file = tmp_path / "long.wav"
+        sf.write(long_file, tile(samples, rate, 8.5), rate)
+        for clip in (tile(samples, rate, 8.5), long_file):
+            with pytest.raises(ValueError, match=r"8\.5 s of audio is over the 8 s limit \(at 12\.5 soft tokens a "
+                                                 r"second it would fill the model's 100-position context"):
+                path(clip, rate if isinstance(clip, np.ndarray) else None)
+        assert calls == []
+        tokens, lengths = path(tile(samples, rate, 7.9), rate)
+        assert calls and int(lengths[0]) <= 100
+    finally:
+        hook.remove()
+    explicit = AudioPath(64, stack=4, context=100, model_id=tiny_dir, max_seconds=20)
+    assert explicit.encoder.max_seconds == 20

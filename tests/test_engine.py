@@ -1,9 +1,11 @@
-"""The Engine: cached sampling against full forwards, batching, seeds, the calculator tool."""
+"""The Engine: cached sampling against full forwards (logits), batching, seeds, the context policy,
+bad requests, the calculator tool."""
+
 
 import pytest
 import torch
 
-from nanochat.engine import CalculatorError, Engine, use_calculator
+from nanochat.engine import CalculatorError, Engine, context_budget, use_calculator
 from nanochat.gpt import GPTConfig
 from tests.helpers import build_model
 
@@ -57,6 +59,8 @@ def test_seeds_reproduce_and_samples_differ(engine, tokenizer):
 
 def test_top_k_one_is_greedy(engine, tokenizer):
     prompt = prompt_of(tokenizer, "class Foo:")
+    for tiny in (1e-6, 1e-40, 5e-324):  # 15 / 1e-40 overflows fp32: it must still sample, greedily
+        assert run(engine, prompt, max_tokens=15, temperature=tiny) == run(engine, prompt, max_tokens=15, temperature=0)
     assert run(engine, prompt, max_tokens=15, temperature=0.8, top_k=1) == run(engine, prompt, max_tokens=15, temperature=0)
     assert run(engine, prompt, max_tokens=15, temperature=0.8, top_p=1e-9) == run(engine, prompt, max_tokens=15, temperature=0)
 
@@ -106,6 +110,57 @@ def test_finished_rows_leave_the_batch(model, tokenizer):
     assert decode_sizes == sorted(decode_sizes, reverse=True)
 
 
+@torch.no_grad()
+def engine_logits_vs_full_forwards(engine, model, prompts, clips, num_samples, **kwargs):
+    """Generate, recording every logits row the engine samples from (a forward hook), then check
+    each against a full forward over that row's prompt and the tokens it has so far. Returns the
+    largest difference and the decode batch sizes."""
+    seen = []
+    hook = model.register_forward_hook(lambda module, args, out: seen.append(out[:, -1].clone()))
+    try:
+        columns = list(engine.generate(prompts, num_samples=num_samples, audio_features=clips, **kwargs))
+    finally:
+        hook.remove()
+    prefills, decodes = seen[:len(prompts)], seen[len(prompts):]
+    assert len(decodes) == len(columns) - 1  # a forward per sampled column after the first, no more
+    rows = [(p, c) for p, c in zip(prompts, clips) for _ in range(num_samples)]
+    running, generated, worst = list(range(len(rows))), [[] for _ in rows], 0.0
+    for step, (column, _) in enumerate(columns):
+        used = [prefills[r // num_samples][0] for r in running] if step == 0 else decodes[step - 1]
+        assert len(used) == len(running)
+        for r, logits in zip(running, used):
+            prompt, clip = rows[r]
+            full = model(torch.tensor([prompt + generated[r]]), audio_features=clip)[0, -1]
+            worst = max(worst, float((logits - full).abs().max()))
+            generated[r].append(column[r])
+        running = [r for r in running if column[r] not in engine.stop_tokens]
+    return worst, [len(d) for d in decodes]
+
+
+def test_sampled_batches_match_full_forward_logits(model, tokenizer):
+    """Prompts of different lengths, two sampled rows each (so a prompt's rows diverge after the
+    prefill was copied into both, smear state included), some with audio, rows leaving the batch:
+    every logits row the engine samples from equals a full forward's to 1e-4."""
+    prompts = [prompt_of(tokenizer, t) for t in ("x", "return self._data[key] if key", "for i in range(10):")]
+    clips = [None, torch.randn(1, 11, CONFIG.n_embd), torch.randn(1, 5, CONFIG.n_embd)]
+    engine = Engine(model, tokenizer)
+    engine.stop_tokens = set()
+    free = [column for column, _ in engine.generate(prompts, num_samples=2, max_tokens=24, temperature=1.0, seed=5,
+                                                     audio_features=clips)]
+    engine.stop_tokens = {free[2][0]}  # what row 0 sampled third: it leaves early, taking others with it
+    worst, sizes = engine_logits_vs_full_forwards(engine, model, prompts, clips, num_samples=2, max_tokens=24,
+                                                  temperature=1.0, seed=5)
+    assert worst <= 1e-4
+    assert sizes[0] == 6 and 0 < sizes[-1] < 6 and len(sizes) == 23  # rows left, others ran to the end
+
+
+def test_greedy_and_top_k_batches_match_full_forward_logits(model, tokenizer):
+    prompts = [prompt_of(tokenizer, t) for t in ("import os", "class Foo(object):\n    def")]
+    worst, sizes = engine_logits_vs_full_forwards(Engine(model, tokenizer), model, prompts, [None, None],
+                                                  num_samples=3, max_tokens=16, temperature=0.7, top_k=5, seed=1)
+    assert worst <= 1e-4 and len(sizes) >= 5
+
+
 def test_generate_batch_stops_and_strips(engine, tokenizer):
     prompt = prompt_of(tokenizer, "while True:")
     sequences, masks = engine.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=1.0, seed=3)
@@ -118,10 +173,66 @@ def test_generate_batch_stops_and_strips(engine, tokenizer):
 def test_bad_requests(engine, model):
     with pytest.raises(ValueError, match="empty prompt"):
         next(engine.generate([]))
+    with pytest.raises(ValueError, match="empty prompt"):
+        next(engine.generate([[1, 2], []]))
     with pytest.raises(ValueError, match="request too long"):
         next(engine.generate([1, 2, 3], max_tokens=model.cos.size(0)))
     with pytest.raises(ValueError, match="ints in"):
         next(engine.generate([1, 10**6]))
+    with pytest.raises(ValueError, match="tokens must be a list"):
+        next(engine.generate("hello"))
+
+
+@pytest.mark.parametrize("name,value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", -0.5), ("temperature", "1"),
+    ("temperature", None), ("top_k", 0), ("top_k", -3), ("top_k", 2.5), ("top_k", True), ("top_k", "5"),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")), ("top_p", -0.1), ("max_tokens", 0),
+    ("max_tokens", -5), ("max_tokens", 2.0), ("max_tokens", "10"), ("num_samples", 0), ("num_samples", -1),
+    ("num_samples", 1.5), ("seed", None), ("seed", "x"), ("seed", 2 ** 64), ("seed", 1.5),
+])
+def test_bad_parameters_name_the_parameter(engine, name, value):
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        next(engine.generate([1, 2, 3], **{"max_tokens": 4, name: value}))
+
+
+def test_context_policy(model, tokenizer):
+    """Requests must fit the trained context (sequence_len 256), not the 10x rotary table; None
+    fills exactly the rest of it, and a prompt that leaves no room is an error."""
+    engine = Engine(model, tokenizer)
+    engine.stop_tokens = set()  # run every request to its budget
+    n = CONFIG.sequence_len
+    assert len(run(engine, list(range(n - 7)), temperature=0)[0]) == 7
+    clip = torch.randn(1, 40, CONFIG.n_embd)
+    assert len(run(engine, list(range(n - 47)), temperature=0, audio_features=clip)[0]) == 7
+    assert len(run(engine, list(range(n - 10)), max_tokens=10, temperature=0)[0]) == 10  # exactly full
+    with pytest.raises(ValueError, match=rf"{n - 9} prompt positions \+ max_tokens 10 > .*{n}-position context.*at most 9"):
+        next(engine.generate(list(range(n - 9)), max_tokens=10))
+    with pytest.raises(ValueError, match=f"fills {n} positions.*no room"):
+        next(engine.generate(list(range(n - 40)), audio_features=clip))
+    with pytest.raises(ValueError, match=f"fills {n + 1} positions"):
+        next(engine.generate([[1], list(range(n + 1))]))  # the longest prompt counts
+    assert context_budget(100, 90) == 10 and context_budget(100, 90, 10) == 10
+
+
+def test_bad_audio_features(engine, model):
+    good = torch.randn(1, 4, CONFIG.n_embd)
+    cases = [(good.clone().index_fill_(1, torch.tensor([2]), float("nan")), "NaN or inf"),
+             (good * float("inf"), "NaN or inf"), (torch.randn(1, 4, 7), r"must be \(1, T_a, 64\)"),
+             (torch.randn(2, 4, CONFIG.n_embd), r"must be \(1, T_a, 64\)"), (torch.ones(1, 4, 64, dtype=torch.long),
+             "float tensor"), ([good, "clip"], "prompt 1 must be a float tensor"), ([good], "1 audio inputs for 2")]
+    for features, message in cases:
+        prompts = [[1, 2], [3]] if isinstance(features, list) else [1, 2]
+        with pytest.raises(ValueError, match=message):
+            next(engine.generate(prompts, max_tokens=3, audio_features=features))
+
+
+def test_non_finite_model_is_an_error_not_nul_tokens(tokenizer):
+    model = build_model(CONFIG, perturb=0.1)
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match="NaN or inf logits"):
+            next(Engine(model, tokenizer).generate([1, 2, 3], max_tokens=3, temperature=temperature))
 
 
 def train_to_memorise(tokenizer, ids, steps=300):
@@ -159,6 +270,19 @@ def test_calculator_tool_output_is_forced(tokenizer):
     assert masks[len(call):len(call) + len(forced)] == [0] * len(forced)
 
 
+def test_calculator_error_does_not_stop_generation(tokenizer):
+    """A tool call the calculator refuses (a .count() on a number) gets no output block, and the
+    row decodes on to the end of what it memorised."""
+    special = tokenizer.encode_special
+    prompt = [special("<|bos|>"), special("<|user_start|>"), *tokenizer.encode("count?"), special("<|user_end|>"),
+              special("<|assistant_start|>")]
+    rest = [special("<|python_start|>"), *tokenizer.encode("(5).count('5')"), special("<|python_end|>"),
+            *tokenizer.encode(" no tool"), special("<|assistant_end|>")]
+    model = train_to_memorise(tokenizer, prompt + rest)
+    sequences, masks = Engine(model, tokenizer).generate_batch(prompt, max_tokens=40, temperature=0)
+    assert sequences[0][len(prompt):] == rest[:-1] and masks[0][len(prompt):] == [1] * (len(rest) - 1)
+
+
 @pytest.mark.parametrize("expression,expected", [
     ("12*7", "84"), ("(1 + 2) * -3", "-9"), ("7/2", "3.5"), ("10/4*2", "5"), ("17 // 5", "3"),
     ("17 % 5", "2"), ("'strawberry'.count('r')", "3"), ('"banana".count("an")', "2"), ("0.1+0.2", "0.3"),
@@ -171,7 +295,10 @@ def test_calculator_answers(expression, expected):
     "__import__('os')", "().__class__", "'a'.upper()", "x + 1", "2**10", "9**9**9", "1/0",
     "'a'.count(chr(97))", "[1, 2]", "lambda: 1", "'" + "9" * 40 + "'.count('9') * " + "9" * 40,
     "1+" * 200 + "1", "-" * 100 + "1", "True + 1",
+    # .count() only on a string literal, with one string literal argument
+    "(5).count('5')", "(1.5).count('1')", "b'ab'.count(b'a')", "'ab'.count(b'a')", "'ab'.count(5)",
+    "'ab'.count('a', 1)", "'ab'.count(x='a')", "'ab'.count()", "''.join('a')", "'a'.count('a').count('a')",
 ])
 def test_calculator_rejects(expression):
-    with pytest.raises(CalculatorError):
+    with pytest.raises(CalculatorError):  # never another error type, which would stop generation
         use_calculator(expression)

