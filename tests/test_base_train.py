@@ -47,10 +47,24 @@ def losses_from(output):
     return [float(line.split("| loss ")[1].split()[0]) for line in output.splitlines() if "| loss " in line]
 
 
+def trainer(base_dir, *args):
+    """base_train in a fresh process, as a user runs it: the killed run, the run it resumes and the
+    reference all start the same way (a long-lived test process can hold other numeric state)."""
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "scripts.base_train", *ARGS, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc):
+    """(losses logged, the summary printed last) of a trainer that ran to the end."""
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    return losses_from(output), json.loads(output.strip().splitlines()[-1])
+
+
 @pytest.mark.timeout(900)
-def test_train_kill_resume_matches_uninterrupted(base_dir, capsys):
-    full = base_train.main(ARGS + ["--model-tag", "full"])
-    full_losses = losses_from(capsys.readouterr().out)
+def test_train_kill_resume_matches_uninterrupted(base_dir):
+    full_losses, full = finish(trainer(base_dir, "--model-tag", "full"))
     assert len(full_losses) == STEPS
     assert full_losses[-1] < full_losses[0] - 0.4, full_losses
     assert full["val_bpb"] is not None and full["val_bpb"] < 4.0
@@ -63,10 +77,7 @@ def test_train_kill_resume_matches_uninterrupted(base_dir, capsys):
     # A training process killed with SIGKILL once its step-8 checkpoint is complete (wherever it
     # is then: a later step, or inside the next save) ...
     killed_dir = os.path.join(base_dir, "base_checkpoints", "killed")
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *ARGS, "--model-tag", "killed",
-                             "--save-every", "4"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = trainer(base_dir, "--model-tag", "killed", "--save-every", "4")
     try:
         deadline = time.monotonic() + 600
         while not os.path.exists(os.path.join(killed_dir, "meta_000008.json")):
@@ -80,10 +91,8 @@ def test_train_kill_resume_matches_uninterrupted(base_dir, capsys):
     resumed_from = last_step(killed_dir)
     assert 8 <= resumed_from < STEPS and resumed_from % 4 == 0
     assert losses_from(killed_output)[:resumed_from] == full_losses[:resumed_from]  # the same run until then
-    capsys.readouterr()
     # ... and resumed: same loss trajectory, bit-identical weights.
-    resumed = base_train.main(ARGS + ["--model-tag", "killed", "--resume"])
-    resumed_losses = losses_from(capsys.readouterr().out)
+    resumed_losses, resumed = finish(trainer(base_dir, "--model-tag", "killed", "--resume"))
     assert resumed_losses == full_losses[resumed_from:]
     assert resumed["val_bpb"] == full["val_bpb"]
     full_state, _, meta = load_checkpoint(os.path.join(base_dir, "base_checkpoints", "full"))
