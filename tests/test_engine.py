@@ -235,12 +235,15 @@ def test_non_finite_model_is_an_error_not_nul_tokens(tokenizer):
             next(Engine(model, tokenizer).generate([1, 2, 3], max_tokens=3, temperature=temperature))
 
 
-def train_to_memorise(tokenizer, ids, steps=300):
-    """A tiny model that learns to emit one transcript greedily (a real model, really trained)."""
+def train_to_memorise(sequences, steps=300):
+    """A tiny model that learns to emit each of a few transcripts greedily (a real model, really
+    trained)."""
     model = build_model(GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64),
                         perturb=0).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    width = max(map(len, sequences)) - 1
+    x = torch.tensor([ids[:-1] + [0] * (width - len(ids) + 1) for ids in sequences])
+    y = torch.tensor([ids[1:] + [-1] * (width - len(ids) + 1) for ids in sequences])
     for _ in range(steps):
         loss = model(x, y)
         loss.backward()
@@ -251,36 +254,48 @@ def train_to_memorise(tokenizer, ids, steps=300):
     return model.eval()
 
 
-def test_calculator_tool_output_is_forced(tokenizer):
+@pytest.fixture(scope="module")
+def tool_use(tokenizer):
+    """(model, transcripts): two memorised tool calls, one the calculator answers (with a WRONG
+    output in the transcript, which the engine must replace) and one it refuses."""
     special = tokenizer.encode_special
-    prompt = [special("<|bos|>"), special("<|user_start|>"), *tokenizer.encode("12 times 7?"),
-              special("<|user_end|>"), special("<|assistant_start|>")]
-    call = [special("<|python_start|>"), *tokenizer.encode("12*7"), special("<|python_end|>")]
-    # The memorised transcript has a WRONG tool output: the engine must replace it with the real one.
-    wrong = [special("<|output_start|>"), *tokenizer.encode("85"), special("<|output_end|>")]
-    model = train_to_memorise(tokenizer, prompt + call + wrong + [special("<|assistant_end|>")])
-    engine = Engine(model, tokenizer)
-    columns = list(engine.generate(prompt, max_tokens=30, temperature=0))
+
+    def prompt(text):
+        return [special("<|bos|>"), special("<|user_start|>"), *tokenizer.encode(text), special("<|user_end|>"),
+                special("<|assistant_start|>")]
+
+    def call(expression):
+        return [special("<|python_start|>"), *tokenizer.encode(expression), special("<|python_end|>")]
+
+    answered = dict(prompt=prompt("12 times 7?"), call=call("12*7"),
+                    wrong=[special("<|output_start|>"), *tokenizer.encode("85"), special("<|output_end|>")],
+                    forced=[special("<|output_start|>"), *tokenizer.encode("84"), special("<|output_end|>")])
+    refused = dict(prompt=prompt("count?"), rest=call("(5).count('5')") + tokenizer.encode(" no tool"))
+    end = [special("<|assistant_end|>")]
+    model = train_to_memorise([answered["prompt"] + answered["call"] + answered["wrong"] + end,
+                               refused["prompt"] + refused["rest"] + end])
+    return model, answered, refused
+
+
+def test_calculator_tool_output_is_forced(tool_use, tokenizer):
+    model, t, _ = tool_use
+    columns = list(Engine(model, tokenizer).generate(t["prompt"], max_tokens=30, temperature=0))
     tokens = [c[0][0] for c in columns]
     masks = [c[1][0] for c in columns]
+    call, forced = t["call"], t["forced"]
     assert tokens[:len(call)] == call
-    forced = [special("<|output_start|>"), *tokenizer.encode("84"), special("<|output_end|>")]
     assert tokens[len(call):len(call) + len(forced)] == forced
     assert masks[:len(call)] == [1] * len(call)
     assert masks[len(call):len(call) + len(forced)] == [0] * len(forced)
 
 
-def test_calculator_error_does_not_stop_generation(tokenizer):
+def test_calculator_error_does_not_stop_generation(tool_use, tokenizer):
     """A tool call the calculator refuses (a .count() on a number) gets no output block, and the
     row decodes on to the end of what it memorised."""
-    special = tokenizer.encode_special
-    prompt = [special("<|bos|>"), special("<|user_start|>"), *tokenizer.encode("count?"), special("<|user_end|>"),
-              special("<|assistant_start|>")]
-    rest = [special("<|python_start|>"), *tokenizer.encode("(5).count('5')"), special("<|python_end|>"),
-            *tokenizer.encode(" no tool"), special("<|assistant_end|>")]
-    model = train_to_memorise(tokenizer, prompt + rest)
-    sequences, masks = Engine(model, tokenizer).generate_batch(prompt, max_tokens=40, temperature=0)
-    assert sequences[0][len(prompt):] == rest[:-1] and masks[0][len(prompt):] == [1] * (len(rest) - 1)
+    model, _, t = tool_use
+    sequences, masks = Engine(model, tokenizer).generate_batch(t["prompt"], max_tokens=40, temperature=0)
+    n = len(t["prompt"])
+    assert sequences[0][n:] == t["rest"] and masks[0][n:] == [1] * len(t["rest"])
 
 
 @pytest.mark.parametrize("expression,expected", [
