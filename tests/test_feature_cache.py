@@ -191,3 +191,31 @@ def test_corrupt_entry_is_recomputed(tiny_encoder, speech_clips, tmp_path, caplo
     assert calls.clips == 1 and "corrupt entry" in caplog.text
     torch.testing.assert_close(again[1].float(), clean[1].float(), rtol=1e-3, atol=1e-3)
     assert torch.equal(again[0], clean[0])
+
+
+def test_augmented_variants_are_separate_entries(tiny_encoder, speech_clips, tmp_path):
+    from nanochat.augment import eval_variant, variant
+    from nanochat.feature_cache import entry_hash
+    cache = FeatureCache(str(tmp_path))
+    clip = speech_clips[0]
+    noisy, room = eval_variant("noisy", "a"), eval_variant("reverberant", "a")
+    other_noise = variant(noise={**dict(noisy.ops[0][1]), "seed": 12345})  # same setting, another draw
+    variants = [None, noisy, room, other_noise]
+    keys = {entry_hash(audio_hash(clip), v) for v in variants}
+    assert len(keys) == 4 and entry_hash(audio_hash(clip)) == audio_hash(clip)  # clean keeps its old key
+    calls = EncoderCalls(tiny_encoder)
+    try:
+        first = encode_with_cache(tiny_encoder, [clip] * 4, cache, variants=variants)
+        assert calls.clips == 4
+        again = encode_with_cache(tiny_encoder, [clip] * 4, cache, variants=variants)
+        assert calls.clips == 4  # every variant found without augmenting or encoding again
+    finally:
+        calls.handle.remove()
+    assert len(cache.entries()) == 4
+    for got, v in zip(again, variants):
+        want = direct_features(tiny_encoder, clip if v is None else v(clip))
+        torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.allclose(first[0].float(), first[1].float(), atol=1e-2)  # the noise is in the frames
+    with pytest.raises(ValueError, match="1 variants for 2 clips"):
+        encode_with_cache(tiny_encoder, speech_clips[:2], cache, variants=[None])
