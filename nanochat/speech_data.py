@@ -81,13 +81,14 @@ def speaker_of(voice_id):
     return SHARED_SPEAKERS.get(voice_id, voice_id)
 
 
-# espeak-ng (formant synthesis): a spread of accents (US, British, RP, Scottish) and of its voice
-# variants (male, female, Klatt-synthesiser), each read by whisper-base at a WER of about 0.35 or
-# less (0.13-0.35 on 10 corpus sentences, `python -m benchmarks.speech_synthesis --asr base
-# --voices ...`, 2026-12-02). Left out for that (10-12 sentences): en-us+f4 (0.45), en-029 (0.44),
-# en-us-nyc (0.40), en-gb-x-gbcwmd (0.38), en-gb-x-gbclan (0.37).
-ESPEAK_VOICES = ("en-us", "en-us+m1", "en-us+m3", "en-us+m5", "en-us+m6", "en-us+m7", "en-us+f1", "en-us+f2",
-                 "en-us+f3", "en-us+f5", "en-us+klatt", "en-us+klatt2", "en-gb+m3", "en-gb-x-rp", "en-gb-scotland")
+# espeak-ng (formant synthesis): its US voice variants (male m1-m7, female f1-f5 but f4, the
+# Klatt-synthesiser ones) and British accents, each read by whisper-base at a WER of 0.13-0.35 on
+# 10 corpus sentences (`python -m benchmarks.speech_synthesis --asr base --voices ...`,
+# 2026-12-02). Left out for a WER over that: en-us+f4 (0.45), en-029 (0.41), en-us-nyc (0.39),
+# and (10-12 sentences) en-gb-x-gbcwmd (0.38), en-gb-x-gbclan (0.37).
+ESPEAK_VOICES = (tuple(f"en-us+{v}" for v in ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f5",
+                                              "klatt", "klatt2", "klatt3", "klatt4"))
+                 + ("en-us", "en-gb", "en-gb+m3", "en-gb-x-rp", "en-gb-scotland"))
 CATALOGUE = (
     (("piper", "joe"),)
     + tuple(("espeak", v) for v in ESPEAK_VOICES)
