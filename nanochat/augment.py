@@ -28,7 +28,8 @@ import scipy.fft
 import scipy.signal
 import soxr
 
-SAMPLE_RATE = 16000
+from nanochat.audio import SAMPLE_RATE
+
 SPEEDS = (0.9, 1.1)              # with 1.0 (no augmentation): Ko et al. 2015's three factors
 PITCH_SEMITONES = 3.0            # |shift| at most
 NOISE_SNR_DB = (5.0, 30.0)       # from a loud cafe to a quiet room
