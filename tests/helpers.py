@@ -1,5 +1,8 @@
 """Shared test helpers."""
 
+import contextlib
+import os
+
 import torch
 
 from nanochat.gpt import build_gpt
@@ -18,3 +21,19 @@ def build_model(config, seed=0, perturb=0.05):
             model.backout_lambda.fill_(0.3)
     return model.eval()
 
+
+@contextlib.contextmanager
+def offline_base_dir(path):
+    """NANOCHAT_BASE_DIR at `path` and no hub probe while the block runs (where the CTranslate2 ->
+    HF conversion of the offline Whisper weights lands), then the environment as it was."""
+    saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "HF_HUB_OFFLINE")}
+    os.environ["NANOCHAT_BASE_DIR"] = str(path)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

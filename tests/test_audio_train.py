@@ -419,11 +419,16 @@ def test_audio_eval_reports_held_out_voices(world):
     assert summary["continuation"]["n"] == 1
     report = (root / "report" / "audio_eval.md").read_text()
     assert "modality gap" in report and f"{100 * t['wer']:.1f}%" in report
+    # The same clips made noisy and reverberant, each condition scored per voice.
+    conditions = summary["conditions"]
+    assert list(conditions) == ["clean", "noisy", "reverberant"] and conditions["clean"] == t
+    assert all(set(c["wer_by_voice"]) == {"flite:awb"} and c["n"] == 3 for c in conditions.values())
+    assert "| voice | clean | noisy | reverberant |" in report
+    assert f"| flite:awb | {100 * t['wer']:.1f}% | {100 * conditions['noisy']['wer']:.1f}% |" in report
 
 
 def test_audio_eval_on_the_training_clips(world):
     from scripts.audio_eval import main
-    from nanochat.speech_data import VOICES
     root, _ = world
     summary = main(["--tag", "s1", "--device-type", "cpu", "--max-tokens", "8", "--split", "train", "--max-items", "2"])
     train_voices = {v.id for v in VOICES if v.split == "train"}

