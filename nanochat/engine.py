@@ -107,6 +107,62 @@ class KVCache:
             self.smear_prev = self.smear_prev.index_select(0, index)
 
 
+class BatchKVCache(KVCache):
+    """A KVCache whose rows join and leave while it decodes (continuous batching).
+
+    The running rows are always the first `size` rows of a larger storage, so every step reads them
+    as one contiguous batch (`k`, `v` are views). Storage doubles in rows and positions when a row
+    needs more, so joining copies only the new row (amortised); a row that leaves is overwritten by
+    the last one (swap-remove), so leaving copies at most one row."""
+
+    def __init__(self, model):
+        super().__init__(model, 0, 0)
+        self._k, self._v = self.k, self.v  # (L, row capacity, position capacity, H_kv, D)
+        self.max_positions = model.cos.size(0)
+
+    @property
+    def size(self):
+        return self.k.size(1)
+
+    def _grow(self, rows, positions):
+        k = self._k.new_zeros(self._k.size(0), rows, positions, *self._k.shape[3:])
+        v = torch.zeros_like(k)
+        n = int(self.lengths.max()) if self.size else 0
+        k[:, :self.size, :n] = self.k[:, :, :n]
+        v[:, :self.size, :n] = self.v[:, :, :n]
+        self._k, self._v = k, v
+        self.capacity = positions
+
+    def admit(self, other, need):
+        """Append the one row of a prefilled batch-1 cache as the last row. need: the positions this
+        row may reach (its prompt plus its new tokens)."""
+        rows, positions = self._k.size(1), self.capacity
+        if self.size == rows or need > positions:
+            grown_rows = max(1, 2 * rows) if self.size == rows else rows
+            grown_positions = positions if need <= positions else max(need, min(2 * positions, self.max_positions))
+            self._grow(grown_rows, grown_positions)
+        n, row = int(other.lengths[0]), self.size
+        self._k[:, row, :n] = other.k[:, 0, :n]
+        self._v[:, row, :n] = other.v[:, 0, :n]
+        self.k, self.v = self._k[:, :row + 1], self._v[:, :row + 1]
+        self.lengths = torch.cat([self.lengths, other.lengths[:1]])
+        prev = other.smear_prev[:1]  # prompts have at least one text token, so this is set
+        self.smear_prev = prev if self.smear_prev is None else torch.cat([self.smear_prev, prev])
+
+    def evict(self, row):
+        """Drop row `row`; the last row moves into its place (callers mirror the move)."""
+        last = self.size - 1
+        if row != last:
+            n = int(self.lengths[last])
+            self.k[:, row, :n] = self.k[:, last, :n]
+            self.v[:, row, :n] = self.v[:, last, :n]
+        order = list(range(last)) if row == last else [*range(row), last, *range(row + 1, last)]
+        self.lengths = self.lengths[order]
+        if self.smear_prev is not None:
+            self.smear_prev = self.smear_prev[order]
+        self.k, self.v = self._k[:, :last], self._v[:, :last]
+
+
 # ---------------------------------------------------------------------------
 # What a request may ask: the one place every caller (Engine, a server's scheduler) checks it
 
@@ -197,6 +253,28 @@ def sample_next_token(logits, generator, temperature=1.0, top_k=None, top_p=None
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling: temperature 0 is greedy; seed starts its own random stream."""
+    temperature: float = 1.0
+    top_k: int = None
+    top_p: float = None
+    seed: int = 42
+
+    def generator(self, device):
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def sample_rows(logits, params, generators):
+    """One token per row of logits (B, V), row i with its own params[i] and generators[i]: in a
+    continuous batch every request brings its own, and draws from its stream exactly what it would
+    draw alone."""
+    if all(p.temperature == 0 for p in params):
+        return logits.argmax(dim=-1)
+    return torch.cat([sample_next_token(logits[i:i + 1], g, p.temperature, p.top_k, p.top_p)
+                      for i, (p, g) in enumerate(zip(params, generators))])
+
+
 # ---------------------------------------------------------------------------
 # Calculator tool: a whitelist over Python's ast, never eval()
 
@@ -256,7 +334,7 @@ def use_calculator(expression):
 
 
 @dataclass
-class _Row:
+class Row:
     """Per-row decoding state: tokens to force (tool output), the open python block, and the stop
     token that finished the row (None while it runs)."""
     forced: deque = field(default_factory=deque)
@@ -334,28 +412,19 @@ class Engine:
         cache = KVCache(model, len(prompts) * num_samples, max(lengths) + max_tokens)
         first_logits = []
         for i, (prompt, clip) in enumerate(zip(prompts, audio)):
-            single = KVCache(model, 1, lengths[i])
-            ids = torch.tensor([prompt], dtype=torch.long, device=device)
-            clip = None if clip is None else clip.to(device)
-            logits = model(ids, kv_cache=single, audio_features=clip, last_only=True)[:, -1]
+            single, logits = self.prefill(prompt, clip)
             cache.insert(range(i * num_samples, (i + 1) * num_samples), single)
             first_logits.append(logits.expand(num_samples, -1))
         logits = torch.cat(first_logits)
 
         generator = torch.Generator(device=device).manual_seed(seed)
-        rows = [_Row() for _ in range(logits.size(0))]
+        rows = [Row() for _ in range(logits.size(0))]
         running = list(range(len(rows)))  # the rows in the cache and in logits, in that order
         for step in range(max_tokens):
             sampled = sample_next_token(logits, generator, temperature, top_k, top_p).tolist()
             column, masks = [row.stop_token for row in rows], [0] * len(rows)
             for r, token in zip(running, sampled):
-                row = rows[r]
-                if row.forced:
-                    token = row.forced.popleft()
-                else:
-                    masks[r] = 1
-                column[r] = token
-                self._observe(row, token)
+                column[r], masks[r] = self.advance(rows[r], token)
             yield column, masks
             still = [i for i, r in enumerate(running) if not rows[r].completed]
             if not still or step == max_tokens - 1:  # no forward for a token nobody will sample
@@ -365,6 +434,23 @@ class Engine:
                 running = [running[i] for i in still]
             ids = torch.tensor([column[r] for r in running], dtype=torch.long, device=device)[:, None]
             logits = model(ids, kv_cache=cache)[:, -1]
+
+    @torch.inference_mode()
+    def prefill(self, prompt, clip=None):
+        """Prefill one prompt (its audio soft tokens (1, T_a, n_embd) in front, if any) at batch 1:
+        (its KVCache, the logits (1, V) of its first new token)."""
+        model, device = self.model, self.model.get_device()
+        cache = KVCache(model, 1, len(prompt) + (0 if clip is None else clip.size(1)))
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        clip = None if clip is None else clip.to(device)
+        return cache, model(ids, kv_cache=cache, audio_features=clip, last_only=True)[:, -1]
+
+    def advance(self, row, sampled):
+        """The token a row takes this step: a pending tool-output token if there is one, else the
+        sampled one; updates the row's tool and stop state. Returns (token, 1 if sampled else 0)."""
+        token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
+        self._observe(row, token)
+        return token, mask
 
     def _observe(self, row, token):
         """Track stop tokens and run the calculator when a python block closes."""
