@@ -15,8 +15,8 @@ A request's events: ("token", id) for each new token (tool output included, the 
 then one of ("done", "stop" | "length" | "cancelled") or ("error", exception). The queue is bounded:
 submit() raises QueueFull past max_queue, and a request still waiting for a row after queue_timeout
 seconds gets ("error", QueueTimeout); both are ServerBusy and carry a retry_after estimate.
-On CUDA a server runs one Scheduler per GPU, each with its own copy of the model (least_loaded
-picks one); on CPU one.
+On CUDA a server runs one Scheduler per GPU, each with its own copy of the model (a request goes
+to the one with the least load); on CPU one.
 """
 
 import math
@@ -93,11 +93,6 @@ class _Active:
     last_token: int = None
 
 
-def least_loaded(schedulers):
-    """The scheduler with the fewest requests queued or running (ties: the first)."""
-    return min(schedulers, key=lambda s: s.load)
-
-
 class Scheduler:
     """Owns `model` on one device; see the module docstring. max_positions: the longest request
     (audio + prompt + new tokens), by default the model's training context."""
@@ -138,6 +133,7 @@ class Scheduler:
 
     @property
     def load(self):
+        """Requests queued or running."""
         return len(self._pending) + self._active_rows
 
     def submit(self, request):

@@ -20,8 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.audio import AudioPath
-from nanochat.checkpoint import checkpoint_dir_for, gpt_from_state, load_checkpoint, save_checkpoint
-from nanochat.common import compute_dtype
+from nanochat.checkpoint import (checkpoint_dir_for, gpt_from_state, last_step, load_checkpoint, load_model,
+                                 save_checkpoint)
+from nanochat.common import compute_dtype, get_base_dir
+from nanochat.tokenizer import get_tokenizer
 
 
 def left_align(tokens, lengths):
@@ -192,3 +194,33 @@ def speech_lm_from_state(model_state, meta, device="cpu", phase="eval"):
     model.load_state_dicts(model_state)
     model.train(phase == "train")
     return model
+
+
+CHAT_SOURCES = ("audio", "rl", "sft", "base")  # checkpoint kinds a chat can load
+DEFAULT_CHAT_CHAIN = ("audio", "sft", "base")  # what a chat loads when not told, first found wins
+
+
+def load_chat_model(source=None, tag=None, step=None, device="cpu"):
+    """(SpeechLM or None, GPT, tokenizer, name like "audio/s2") to chat with. source: one of
+    CHAT_SOURCES; None takes the first of DEFAULT_CHAT_CHAIN with a checkpoint (with `tag`, if
+    given). A text checkpoint gives no SpeechLM: it cannot take audio."""
+    if source is None:
+        for candidate in DEFAULT_CHAT_CHAIN:
+            try:
+                if last_step(checkpoint_dir_for(candidate, tag)) is not None:
+                    source = candidate
+                    break
+            except FileNotFoundError:
+                continue
+        else:
+            raise FileNotFoundError(f"no {', '.join(DEFAULT_CHAT_CHAIN)} checkpoint{f' tagged {tag}' if tag else ''} "
+                                    f"under {get_base_dir()}: train one first (bash runs/cpu.sh)")
+    if source not in CHAT_SOURCES:
+        raise ValueError(f"source must be one of {CHAT_SOURCES}, got {source!r}")
+    checkpoint_dir = checkpoint_dir_for(source, tag)
+    name = f"{source}/{os.path.basename(checkpoint_dir)}"
+    if source == "audio":
+        speech_lm, _ = load_speech_lm(checkpoint_dir, step, device)
+        return speech_lm, speech_lm.gpt, get_tokenizer(), name
+    gpt, tokenizer, _ = load_model(source, device, model_tag=tag, step=step)
+    return None, gpt, tokenizer, name

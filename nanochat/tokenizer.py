@@ -17,6 +17,7 @@ byte-pair encoded by tiktoken: the same ids, more slowly.
 """
 
 import base64
+import codecs
 import hashlib
 import json
 import logging
@@ -370,6 +371,24 @@ def _no_panic(method, *args, **kwargs):
         if type(e).__name__ != "PanicException":
             raise
         raise ValueError(f"tiktoken cannot encode this text with the split pattern ({e})") from None
+
+
+class StreamDecoder:
+    """Text of a token stream as it grows, never splitting a character: byte-level BPE cuts emoji
+    and most non-Latin scripts into tokens of partial UTF-8, which are held back until the
+    character is whole. Bytes that never form one become U+FFFD (at flush(), if they end the stream)."""
+
+    def __init__(self, tokenizer):
+        self._token_bytes = tokenizer.enc.decode_single_token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token):
+        """The text that token completes (often "", e.g. the first half of an emoji)."""
+        return self._utf8.decode(self._token_bytes(token))
+
+    def flush(self):
+        """Whatever is held back at the end of the stream."""
+        return self._utf8.decode(b"", final=True)
 
 
 def get_tokenizer():

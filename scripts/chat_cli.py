@@ -13,11 +13,10 @@ model instead (no audio).
 import argparse
 import sys
 
-from nanochat.checkpoint import load_model
 from nanochat.common import compute_init
 from nanochat.engine import Engine
-from nanochat.speech_lm import audio_checkpoint_dir, load_speech_lm
-from nanochat.tokenizer import get_tokenizer
+from nanochat.speech_lm import CHAT_SOURCES, load_chat_model
+from nanochat.tokenizer import StreamDecoder
 
 HELP = "commands: /audio PATH (attach a clip; starts a new conversation), /clear, /quit"
 
@@ -26,7 +25,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", default=None, help="one message to answer (omit for a conversation)")
     p.add_argument("--audio", default=None, help="an audio file (wav, flac, ogg, mp3) the message is about")
-    p.add_argument("--source", default="audio", choices=("audio", "sft", "base"), help="which checkpoint kind")
+    p.add_argument("--source", default="audio", choices=CHAT_SOURCES, help="which checkpoint kind")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest of that kind)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
@@ -64,7 +63,7 @@ class Chat:
         """Stream the assistant's reply to `text` to `out`; returns the reply."""
         self.messages.append({"role": "user", "content": text})
         tokens = self.tokenizer.render_for_completion({"messages": self.messages})
-        generated, shown = [], ""
+        generated, text = [], StreamDecoder(self.tokenizer)
         stream = self.engine.generate(tokens, max_tokens=self.args.max_tokens, temperature=self.args.temperature,
                                       top_k=self.args.top_k, seed=self.args.seed + len(self.messages),
                                       audio_features=self.audio)
@@ -73,27 +72,21 @@ class Chat:
                 if column[0] in self.engine.stop_tokens:
                     break
                 generated.append(column[0])
-                decoded = self.tokenizer.decode(generated)
-                if not decoded.endswith("\ufffd"):  # hold back a half-decoded UTF-8 character
-                    out.write(decoded[len(shown):])
-                    out.flush()
-                    shown = decoded
+                out.write(text.add(column[0]))
+                out.flush()
         except ValueError:
             self.messages.pop()
             raise
+        out.write(text.flush() + "\n")
         reply = self.tokenizer.decode(generated)
-        out.write(reply[len(shown):] + "\n")
         self.messages.append({"role": "assistant", "content": reply})
         return reply
 
 
 def load(args, device):
     """(SpeechLM or None, GPT, tokenizer) for --source/--tag/--step."""
-    if args.source == "audio":
-        speech_lm, _ = load_speech_lm(audio_checkpoint_dir(args.tag), args.step, device)
-        return speech_lm, speech_lm.gpt, get_tokenizer()
-    gpt, tokenizer, _ = load_model(args.source, device, model_tag=args.tag, step=args.step)
-    return None, gpt, tokenizer
+    speech_lm, gpt, tokenizer, _ = load_chat_model(args.source, args.tag, args.step, device)
+    return speech_lm, gpt, tokenizer
 
 
 def repl(chat):

