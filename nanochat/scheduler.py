@@ -251,11 +251,40 @@ class Scheduler:
         for request in leftover:
             self._finish(request, "error", closed)
 
+    def _take(self, active, sampled):
+        """Give a row its next token (a pending tool-output token or the sampled one) and tell its
+        client. Returns why the row is done ("stop", "length", "cancelled") or None."""
+        request = active.request
+        if request.cancelled:
+            return "cancelled"
+        token, _ = self.engine.advance(active.row, sampled)
+        if active.row.completed:
+            return "stop"
+        active.last_token = token
+        request.completion_tokens += 1
+        self.counters["completion_tokens"] += 1
+        request.first_token_at = request.first_token_at or time.perf_counter()
+        self._emit(request, "token", token)
+        return "length" if request.completion_tokens >= request.max_tokens else None
+
     def _step(self, cache, running, logits, admitted):
-        """Admit the new requests, take one token for every row, drop the finished rows and run the
-        decode forward. Returns the rows still running and their next logits."""
+        """One step: the running rows take the tokens of the last forward, the new requests are
+        prefilled and take their first token (so a new client waits for its own prefill, never for
+        the others'), finished rows leave, and one decode forward runs for every row left.
+        Returns the rows still running and their next logits."""
         device = self.model.get_device()
-        first_logits = []
+        before = self.counters["completion_tokens"]
+        finished = []
+        if running:
+            sampled = sample_rows(logits, [a.request.sampling for a in running],
+                                  [a.generator for a in running]).tolist()
+            leaving = [(i, reason) for i, (active, token) in enumerate(zip(running, sampled))
+                       if (reason := self._take(active, token)) is not None]
+            for i, reason in reversed(leaving):  # swap-remove from the back keeps the indices valid
+                cache.evict(i)
+                finished.append((running[i].request, reason))
+                running[i] = running[-1]
+                running.pop()
         for request in admitted:
             try:
                 single, first = self.engine.prefill(request.tokens, request.audio)
@@ -265,41 +294,17 @@ class Scheduler:
                 continue
             request.admitted_at = time.perf_counter()
             self.counters["prompt_tokens"] += int(single.lengths[0])
-            cache.admit(single, request.positions)
-            running.append(_Active(request, Row(), request.sampling.generator(device)))
-            first_logits.append(first)
-        self._active_rows = len(running)
-        if not running:
-            return running, None
-        logits = torch.cat(([] if logits is None else [logits]) + first_logits)
-        sampled = sample_rows(logits, [a.request.sampling for a in running], [a.generator for a in running]).tolist()
-        leaving, generated, now = [], 0, time.perf_counter()
-        for i, (active, token) in enumerate(zip(running, sampled)):
-            request = active.request
-            if request.cancelled:
-                leaving.append((i, "cancelled"))
-                continue
-            token, _ = self.engine.advance(active.row, token)
-            if active.row.completed:
-                leaving.append((i, "stop"))
-                continue
-            active.last_token = token
-            request.completion_tokens += 1
-            request.first_token_at = request.first_token_at or now
-            generated += 1
-            self._emit(request, "token", token)
-            if request.completion_tokens >= request.max_tokens:
-                leaving.append((i, "length"))
-        finished = []
-        for i, reason in sorted(leaving, reverse=True):  # swap-remove from the back keeps indices valid
-            cache.evict(i)
-            finished.append((running[i].request, reason))
-            running[i] = running[-1]
-            running.pop()
+            active = _Active(request, Row(), request.sampling.generator(device))
+            reason = self._take(active, sample_rows(first, [request.sampling], [active.generator]).item())
+            if reason is None:
+                cache.admit(single, request.positions)
+                running.append(active)
+            else:
+                finished.append((request, reason))
         self._active_rows = len(running)  # before the done events, so a client sees its row gone
+        now = time.perf_counter()
         self.counters["steps"] += 1
-        self.counters["completion_tokens"] += generated
-        self._recent.append((now, generated, len(leaving)))
+        self._recent.append((now, self.counters["completion_tokens"] - before, len(finished)))
         while self._recent and now - self._recent[0][0] > STATS_WINDOW_S:
             self._recent.popleft()
         for request, reason in finished:

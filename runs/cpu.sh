@@ -52,3 +52,6 @@ S2_STEPS=${S2_STEPS:-1500}
 S2_TAG=s2; [ "$S2_STEPS" = 1500 ] || S2_TAG=s2_$S2_STEPS
 audio_train "$S2_TAG" --stage 2 --init-from s1 --text-mix 0.3 --num-iterations "$S2_STEPS" --eval-every 500 --save-every 250
 python -m scripts.audio_eval --tag "$S2_TAG"
+
+echo "done. Talk to it: python -m scripts.chat_web   (the newest audio checkpoint: a chat page with a microphone"
+echo "at http://127.0.0.1:8000, and an OpenAI-compatible API at http://127.0.0.1:8000/v1)"

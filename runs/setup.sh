@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: Debian packages (TTS engines, offline text corpora) and a venv with the
-# project and its test extras. Idempotent: re-running only installs what is missing.
+# Set up a fresh machine: Debian packages (TTS engines, offline text corpora, Chromium and its driver
+# for the chat page's browser tests) and a venv with the project and its test extras. Idempotent:
+# re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# TTS engines (espeak-ng, flite, Festival and its three English voices), sox (pitch augmentation), corpora.
+# TTS engines (espeak-ng, flite, Festival and its three English voices), sox (pitch augmentation), corpora,
+# and Chromium with its driver for the chat page's browser tests.
 APT_PACKAGES="espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox wamerican
-              python3-doc dict-gcide wordnet-base fortunes"
+              python3-doc dict-gcide wordnet-base fortunes chromium chromium-driver"
 missing=""
 for pkg in $APT_PACKAGES; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

@@ -124,7 +124,7 @@ def test_rows_join_at_the_next_step_and_leave_when_done(model, tokenizer):
     assert 2 in decode  # the short request ran inside the long one's batch...
     assert decode[-1] == 1  # ...and left it again
     assert short.on_event.times[0] < long.on_event.times[-1]  # it did not wait for the long one
-    assert decode.count(2) <= 5  # its 5 tokens: the first from its prefill, so at most 5 shared steps
+    assert decode.count(2) <= 4  # its 5 tokens: the first from its own prefill, 4 from shared steps
 
 
 def test_a_cancelled_request_leaves_and_the_others_go_on(scheduler, model, tokenizer):
