@@ -35,10 +35,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from nanochat.audio import AudioPath, resolve_weights
+from nanochat.audio import AudioPath
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.speech_lm import SpeechLM, encoder_meta, save_speech_lm
 from nanochat.tokenizer import Tokenizer, get_tokenizer
+from nanochat.whisper_weights import resolve_weights
 
 PROMPTS = ["Tell me about the history of the printing press in Europe.",
            "Write a short poem about the sea at night, with rhymes.",
