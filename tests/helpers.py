@@ -37,3 +37,15 @@ def offline_base_dir(path):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def point_at(mp, env):
+    """Point this process at a tiny world's base dir (tests.test_audio_train.build_tiny_world's env:
+    offline, an empty HF cache, no Whisper override) for the life of the MonkeyPatch `mp`."""
+    import huggingface_hub.constants
+    for k, v in env.items():
+        mp.setenv(k, v)
+    mp.delenv("WHISPER_MS_ID", raising=False)
+    mp.delenv("WHISPER_HF_ID", raising=False)
+    # huggingface_hub read HF_HUB_CACHE when it was imported.
+    mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])

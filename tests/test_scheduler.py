@@ -12,7 +12,7 @@ from nanochat.engine import BatchKVCache, Engine, KVCache, SamplingParams
 from nanochat.gpt import GPTConfig
 from nanochat.scheduler import QueueFull, QueueTimeout, Request, Scheduler, SchedulerClosed
 from tests.helpers import build_model
-from tests.test_engine import greedy_with_full_forwards, prompt_of, run, train_to_memorise
+from tests.test_engine import greedy_with_full_forwards, prompt_of, run, tool_use  # noqa: F401 (a fixture)
 
 CONFIG = GPTConfig(sequence_len=256, vocab_size=512, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
 GREEDY = SamplingParams(temperature=0)
@@ -198,24 +198,17 @@ def test_load_counts_queued_requests(model, tokenizer):
     assert s.load == 1 and s.stats()["queue_depth"] == 1
 
 
-def test_the_calculator_runs_per_row(tokenizer, model):
-    special = tokenizer.encode_special
-    prompt = [special("<|bos|>"), special("<|user_start|>"), *tokenizer.encode("12 times 7?"),
-              special("<|user_end|>"), special("<|assistant_start|>")]
-    call = [special("<|python_start|>"), *tokenizer.encode("12*7"), special("<|python_end|>")]
-    wrong = [special("<|output_start|>"), *tokenizer.encode("85"), special("<|output_end|>")]
-    calc_model = train_to_memorise(tokenizer, prompt + call + wrong + [special("<|assistant_end|>")])
+def test_the_calculator_runs_per_row(tool_use, tokenizer):
+    calc_model, t, _ = tool_use
     s = Scheduler(calc_model, tokenizer).start()
     try:
         other = s.submit(request(prompt_of(tokenizer, "import os"), max_tokens=30))
-        tool = s.submit(request(prompt, max_tokens=30))
+        tool = s.submit(request(t["prompt"], max_tokens=30))
         tool.on_event.wait(), other.on_event.wait()
     finally:
         s.close()
-    forced = [special("<|output_start|>"), *tokenizer.encode("84"), special("<|output_end|>")]
-    assert tool.on_event.tokens[:len(call) + len(forced)] == call + forced
-    assert special("<|output_start|>") not in other.on_event.tokens[:1]  # only the row that called it
-    assert other.on_event.tokens == alone(calc_model, tokenizer, other).tokens
+    assert tool.on_event.tokens[:len(t["call"]) + len(t["forced"])] == t["call"] + t["forced"]
+    assert other.on_event.tokens == alone(calc_model, tokenizer, other).tokens  # untouched by the other's tool
 
 
 @torch.no_grad()
