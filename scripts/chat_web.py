@@ -76,7 +76,8 @@ def main(argv=None):
     print(f"serving {name} ({hears}, {len(replicas)} x {replicas[0].scheduler.model.get_device()}) at {url}\n"
           f"  chat page: {url}/   OpenAI API: {url}/v1" + ("   (API key required)" if args.api_key else ""), flush=True)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        # Open streams get a few seconds to end, so Ctrl-C never waits for a long generation.
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)).run(sockets=[sock])
     finally:
         for replica in replicas:
             replica.scheduler.close()
