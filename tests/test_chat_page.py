@@ -20,6 +20,7 @@ if not (shutil.which("chromium") and shutil.which("chromedriver")):
     pytest.skip("needs Debian's chromium and chromium-driver (runs/setup.sh installs them)", allow_module_level=True)
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -92,7 +93,14 @@ def reply_done(d):
 
 
 def last_reply(d):
-    return bubbles(d, "assistant")[-1].find_element(By.CSS_SELECTOR, ".body").text
+    """The last reply's text; the page redraws the transcript when a reply ends, so an element
+    found a moment ago may be gone: look again."""
+    for _ in range(5):
+        try:
+            return bubbles(d, "assistant")[-1].find_element(By.CSS_SELECTOR, ".body").text
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError("the transcript kept changing under the reader")
 
 
 def api_reply(page, content):
