@@ -28,11 +28,14 @@ class BestFitPacker:
 
     `docs` yields (doc_id, tokens) and keeps the buffer at buffer_size documents. Ties go to the
     document buffered first. crop="shortest" is the rule used for training; crop="first" (cut the
-    document buffered first) is the older rule, kept to measure the difference."""
+    document buffered first) is the older rule, kept to measure the difference. crop=None never
+    cuts a document (chat fine-tuning packs whole conversations): a row ends short when nothing
+    buffered fits the space left or the documents run out, and the caller pads it; every document
+    must then fit in a row."""
 
     def __init__(self, docs, buffer_size=1000, crop="shortest"):
-        if crop not in ("shortest", "first"):
-            raise ValueError(f"crop must be 'shortest' or 'first', got {crop!r}")
+        if crop not in ("shortest", "first", None):
+            raise ValueError(f"crop must be 'shortest', 'first' or None, got {crop!r}")
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be at least 1, got {buffer_size}")
         self.docs = iter(docs)
@@ -65,16 +68,22 @@ class BestFitPacker:
 
     def next_row(self, capacity):
         """(row, placements) for one row of `capacity` tokens; placements lists
-        (doc_id, doc length, tokens used) in row order. None once the documents run out."""
+        (doc_id, doc length, tokens used) in row order. None once the documents run out (with
+        crop=None, a row the documents ran out in is still returned, short)."""
         row, placements = [], []
         while len(row) < capacity:
             self._refill()
             if not self._keys:
-                return None
+                return (row, placements) if row and self.crop is None else None
             space = capacity - len(row)
             i = bisect.bisect_right(self._keys, (space, float("inf"))) - 1
             if i >= 0:  # the longest that fits; among equals the first to arrive
                 i = bisect.bisect_left(self._keys, (self._keys[i][0], -1))
+            elif self.crop is None:
+                if not row:  # a document that never fits would stay buffered and starve every row
+                    raise ValueError(f"no buffered document fits in a row of {capacity} tokens (the shortest "
+                                     f"has {self._keys[0][0]}); without cropping, every document must fit")
+                break
             elif self.crop == "first":
                 arrival = next(iter(self._buffer))  # dicts keep insertion order
                 i = bisect.bisect_left(self._keys, (len(self._buffer[arrival][1]), arrival))

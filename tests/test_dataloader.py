@@ -61,6 +61,31 @@ def test_packing_follows_the_rule(crop, capacity, buffer_size):
     assert n_placed > 100
 
 
+@pytest.mark.parametrize("capacity,buffer_size", [(65, 8), (129, 50), (33, 1)])
+def test_packing_without_crop_keeps_documents_whole(capacity, buffer_size):
+    """crop=None (chat fine-tuning): the longest document that fits, until none does; the row then
+    ends short; the last row is returned even when the documents run out in it."""
+    rng = random.Random(capacity + buffer_size)
+    docs = [d for d in random_docs(rng, 400, capacity) if len(d) <= capacity]
+    placed, n_placed, rows = set(), 0, list(pack_rows(docs, capacity, buffer_size, crop=None))
+    for row, placements in rows:
+        assert row == [t for d, _, _ in placements for t in docs[d]]
+        space = capacity
+        for d, length, used in placements:
+            buffer = [i for i in range(min(len(docs), n_placed + buffer_size)) if i not in placed]
+            fitting = [i for i in buffer if len(docs[i]) <= space]
+            best = max(len(docs[i]) for i in fitting)
+            assert (d, length, used) == (min(i for i in fitting if len(docs[i]) == best), len(docs[d]), length)
+            placed.add(d)
+            n_placed += 1
+            space -= used
+        buffer = [i for i in range(min(len(docs), n_placed + buffer_size)) if i not in placed]
+        assert all(len(docs[i]) > space for i in buffer)  # the row ended because nothing else fit
+    assert placed == set(range(len(docs)))
+    with pytest.raises(ValueError, match="every document must fit"):
+        next(pack_rows([[BOS] * (capacity + 1)], capacity, buffer_size, crop=None))
+
+
 def test_crop_shortest_drops_fewer_tokens_than_crop_first():
     docs = random_docs(random.Random(0), 3000, 257)
     dropped = {}
