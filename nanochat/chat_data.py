@@ -40,8 +40,7 @@ from nanochat.dataloader import BestFitPacker
 # with 10, 2.3% with 100 and 1.9% with 1000 (rows of 2049: 23.0%, 1.2%, 0.2%, 0.1%). 100 keeps
 # nearly all of the gain while the reading order stays close to the shuffled one.
 DEFAULT_BUFFER_SIZE = 100
-STAT_KEYS = ("read", "whole", "truncated", "too_long", "untrained", "dropped_trained_tokens", "rows",
-             "row_tokens", "pad_tokens")
+STAT_KEYS = ("read", "whole", "truncated", "too_long", "untrained", "dropped_trained_tokens", "rows", "pad_tokens")
 
 
 def fit_conversation(ids, mask, capacity, assistant_end):
@@ -154,7 +153,6 @@ class ConversationPacker:
         placed = [self._buffered.pop(doc_id) for doc_id, _, _ in placements]
         pad = self.capacity - len(ids)
         self.stats["rows"] += 1
-        self.stats["row_tokens"] += self.capacity
         self.stats["pad_tokens"] += pad
         return ids + [self.bos] * pad, [m for _, mask in placed for m in mask] + [0] * pad, [i for i, _ in placed]
 
