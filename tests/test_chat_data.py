@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from nanochat.chat_data import ConversationPacker, fit_conversation, sft_data_loader
+from nanochat.corpus import stdlib_text
 from nanochat.gpt import GPTConfig
-from tests.helpers import build_model, stdlib_text
+from tests.helpers import build_model
 
 
 @pytest.fixture(scope="module")
