@@ -15,14 +15,14 @@ them is trained. Every placed conversation therefore carries at least one traine
 row holds at least one conversation, and no row is without a trained target (upstream's SFT
 loader let never-fitting conversations clog its buffer until rows were pure padding and the loss
 went NaN). The model's loss also stays finite on a batch with no target (gpt.py averages over
-max(1, targets)), so neither mechanism alone carries the guarantee. The counts are in `stats`.
+max(1, targets)), so the guarantee does not rest on the packer alone. The counts are in `stats`.
 
 Order and ranks: each epoch visits every conversation once, in an order shuffled by (seed,
 epoch); rank r of W takes positions r, r+W, ... of that order, so ranks read disjoint
 conversations. `conversations` is anything with len() and [i] (a Task, a list); another iterable
 is read into a list first.
 
-Resume: the state names the last position read and the positions still buffered; restoring
+Resume: the state names the next position to read and the positions still buffered; restoring
 re-renders the buffered conversations in the order they were read, so the rows continue exactly
 as if never interrupted (the dataloader's scheme, for conversations).
 """
