@@ -205,17 +205,16 @@ def _common_prefix(a, b):
 def tokenize_item(tokenizer, texts, max_len):
     """[(tokens, start)] for an item's [(prefix, answer)]: tokens begin with BOS, tokens[start:] is
     the scored answer. The delimiter's trailing whitespace goes with the answer ("Answer:" |
-    " Paris"), as BPE attaches a space to the word after it. Items longer than max_len drop the
-    same number of tokens right after BOS from every sequence."""
+    " Paris"), as BPE attaches a space to the word after it. A sequence longer than max_len drops
+    the tokens right after BOS that it does not fit (each its own number: cutting every sequence
+    by the longest one's overflow could leave a short one nothing to score), keeping BOS and at
+    least its first answer token."""
     bos = tokenizer.get_bos_token_id()
     fulls = tokenizer.encode([p + a for p, a in texts], prepend=bos)
     prefixes = tokenizer.encode([p.rstrip() for p, _ in texts], prepend=bos)
     starts = [min(_common_prefix(f, p), len(f) - 1) for f, p in zip(fulls, prefixes)]
-    cut = max(len(f) for f in fulls) - max_len
-    if cut > 0:
-        fulls = [f[:1] + f[1 + cut:] for f in fulls]
-        starts = [max(1, s - cut) for s in starts]
-    return list(zip(fulls, starts))
+    cuts = [max(0, len(f) - max_len) for f in fulls]
+    return [(f[:1] + f[1 + cut:], max(1, s - cut)) for f, s, cut in zip(fulls, starts, cuts)]
 
 
 # ---------------------------------------------------------------------------

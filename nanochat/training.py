@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from nanochat import report
 from nanochat.checkpoint import last_step, load_checkpoint, save_checkpoint
 from nanochat.common import compute_dtype, print0
 from nanochat.engine import Engine
@@ -168,6 +169,7 @@ class Run:
     stop_at_step: int = -1  # leave after this step as if killed (for resume tests)
     flops_per_token: float | None = None  # training FLOPs per token: the log line shows MFU
     wandb_name: str = ""  # also log to this wandb run (rank 0; pip install wandb)
+    report_stage: str = ""  # also append the curves and the end to this report-card stage (nanochat.report)
 
 
 def due(done, every, last):
@@ -177,11 +179,13 @@ def due(done, every, last):
 
 class StepLog:
     """The per-step log line (step, extra fields, loss, LR multiplier, step time, tokens/s, MFU when
-    the run has a FLOP count, ETA) and the validation line, printed on rank 0 and sent to wandb
-    when the run has a name."""
+    the run has a FLOP count, ETA) and the validation line, printed on rank 0, sent to wandb when
+    the run has a name and to the report card when it has a report stage."""
 
-    def __init__(self, run):
+    def __init__(self, run, resumed=False):
         self.run = run
+        if run.report_stage:
+            report.start_stage(run.report_stage, resume=resumed, config=run.meta.get("user_config"))
         self.peak = None
         if run.flops_per_token:
             self.peak, source = peak_flops(run.device, compute_dtype())
@@ -204,6 +208,8 @@ class StepLog:
         print0(" | ".join(parts + [f"ETA {eta / 60:.1f} min"]))
         if self.wandb:
             self.wandb.log(metrics)
+        if self.run.report_stage:
+            report.log_step(self.run.report_stage, done, loss=loss, lrm=lrm)
 
     def validation(self, done, metrics):
         """Log an evaluation's {metric: value} after step `done`."""
@@ -211,13 +217,18 @@ class StepLog:
                                                    for k, v in metrics.items()]))
         if self.wandb:
             self.wandb.log({"step": done, **{f"val/{k}": v for k, v in metrics.items()}})
+        numbers = {f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.run.report_stage and numbers:
+            report.log_step(self.run.report_stage, done, **numbers)
         if self.peak:  # a measured peak only ever rises (see mfu.py): measure again now and then
             self.peak, _ = peak_flops(self.run.device, compute_dtype())
 
-    def finish(self):
-        """Close the wandb run, if any."""
+    def finish(self, completed):
+        """Close the wandb run, if any; a run that completed ends its report stage."""
         if self.wandb:
             self.wandb.finish()
+        if completed and self.run.report_stage:
+            report.end_stage(self.run.report_stage)
 
 
 @torch.no_grad()
@@ -293,7 +304,7 @@ def train(model, optimizer, schedule, step_fn, run, start=None, evaluate=None, s
     meta = start.meta or {}
     progress = Progress(run.num_iterations, start.step, meta.get("smooth_loss", 0.0), meta.get("train_seconds", 0.0))
     val, loader_state = meta.get("val"), start.loader_state
-    log = StepLog(run)
+    log = StepLog(run, resumed=start.step > 0)
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
     done, smooth_loss = start.step, None
     model.train()
@@ -327,7 +338,7 @@ def train(model, optimizer, schedule, step_fn, run, start=None, evaluate=None, s
         if done == run.stop_at_step:
             print0(f"stopping at step {done} as asked")
             break
-    log.finish()
+    log.finish(done == run.num_iterations)
     return dict(steps=done, final_loss=smooth_loss, train_minutes=progress.train_seconds / 60, val=val,
                 checkpoint_dir=run.checkpoint_dir)
 

@@ -23,6 +23,7 @@ from collections import defaultdict
 
 import torch
 
+from nanochat import report
 from nanochat.augment import EVAL_CONDITIONS, eval_variant
 from nanochat.common import atomic_write, compute_init, get_base_dir, run_cli, setup_logging
 from nanochat.engine import Engine
@@ -146,12 +147,16 @@ def main(argv=None):
                                      args.max_tokens, args.conditions)
     title = (f"Audio eval: {os.path.basename(checkpoint_dir)} step {meta['step']} (stage {meta['stage']}), "
              f"{args.split} split of {data_dir}")
-    report = markdown(results, examples, title)
-    print(report)
+    text = markdown(results, examples, title)
+    print(text)
     name = "audio_eval.md" if args.split == "test" else f"audio_eval_{args.split}.md"
     path = os.path.join(get_base_dir(), "report", name)
     with atomic_write(path, "w") as f:
-        f.write(report)
+        f.write(text)
+    if args.split == "test":
+        t, q = results["transcription"], results["questions"]
+        report.log_metrics("audio", wer=t["wer"], spoken_acc=q["spoken_acc"], typed_acc=q["typed_acc"],
+                           spoken_gap=q["gap"])
     summary = {"checkpoint": checkpoint_dir, "step": meta["step"], "split": args.split,
                "seconds": round(time.perf_counter() - start, 1), **results}
     print(json.dumps(summary))

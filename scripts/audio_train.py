@@ -153,7 +153,7 @@ def train(args):
                                              device)) if val_items and rank == 0 else None
     run = Run(out_dir, num_iterations, model.state_dicts, {**meta, "user_config": vars(args)}, device, rank,
               world_size, args.eval_every, save_every=args.save_every, stop_at_step=args.stop_at_step,
-              wandb_name=args.run)
+              wandb_name=args.run, report_stage="audio" if args.stage == 2 else "audio_s1")
     schedule = Schedule(num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
     summary = {"stage": args.stage, **train_loop(model, optimizer, schedule, speech_step(
         model, tokenizer, cache, items, stream, max_tokens, device, world_size), run, start, evaluate)}

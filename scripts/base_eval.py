@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from nanochat import report
 from nanochat.checkpoint import checkpoint_dir_for, load_model
 from nanochat.common import atomic_write, compute_init, get_base_dir, print0, run_cli, setup_logging
 from nanochat.core_eval import evaluate_core
@@ -82,6 +83,7 @@ def main(argv=None):
             print0(repr(s))
         with atomic_write(os.path.join(get_base_dir(), "report", "base_eval.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
+    report.log_metrics("base", val_bpb=bpb, **({} if core is None else {"core": core["core"]}))
     result = dict(val_bpb=bpb, copy_loss_first=copy_first, copy_loss_second=copy_second,
                   step=meta["step"], checkpoint=source)
     if core is not None:

@@ -123,7 +123,7 @@ def main(argv=None):
     run = Run(checkpoint_dir, num_iterations, lambda: {"gpt": model.state_dict()},
               dict(model_config=dataclasses.asdict(config), user_config=vars(args), total_batch_size=total_batch),
               device, rank, world_size, args.eval_every, args.sample_every, args.save_every, args.stop_at_step,
-              flops_per_token=model.estimate_flops(args.max_seq_len), wandb_name=args.run)
+              flops_per_token=model.estimate_flops(args.max_seq_len), wandb_name=args.run, report_stage="base")
     step_fn = token_step(train_model, batches, grad_accum)
     summary = train(model, optimizer, schedule, step_fn, run, start, evaluate, sample)
     summary["val_bpb"] = summary["val"]["bpb"] if summary["val"] else None

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from nanochat import report
 from nanochat.chat_eval import CHATCORE_TASKS, chatcore, evaluate_chat_task
 from nanochat.checkpoint import checkpoint_dir_for, load_model
 from nanochat.common import atomic_write, compute_init, get_base_dir, print0, setup_logging
@@ -83,10 +84,14 @@ def main(argv=None):
                    f"centered {r['centered']:+.4f}")
     score, averaged = chatcore(results)
     title = f"Chat eval: {args.source} {os.path.basename(checkpoint_dir)} step {meta['step']}"
-    report = markdown(results, score, averaged, title)
-    print0(report)
+    text = markdown(results, score, averaged, title)
+    print0(text)
     with atomic_write(os.path.join(get_base_dir(), "report", f"chat_eval_{args.source}.md"), "w") as f:
-        f.write(report)
+        f.write(text)
+    # Evaluations log into the stage of the model they measure: the sources are the stage names.
+    report.log_eval(args.source, {name: r["accuracy"] for name, r in results.items()})
+    if averaged:
+        report.log_metrics(args.source, chatcore=score)
     summary = {"source": args.source, "checkpoint": checkpoint_dir, "step": meta["step"], "chatcore": score,
                "chatcore_tasks": averaged, "seconds": round(time.perf_counter() - start, 1), "tasks": results}
     print0(json.dumps(summary))

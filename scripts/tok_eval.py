@@ -18,6 +18,7 @@ import threading
 
 import tiktoken
 
+from nanochat import report
 from nanochat.common import get_base_dir
 from nanochat.tokenizer import Tokenizer
 
@@ -161,6 +162,7 @@ def main():
         n_bytes = len(text.encode("utf-8"))
         results[kind] = {c: n_bytes / count(text) for c, count in counters.items()}
         print(f"{kind:<15} {n_bytes:>8} " + " ".join(f"{results[kind][c]:>7.3f}" for c in counters))
+    report.log_metrics("tokenizer", **{f"bytes_per_token_{kind}": r["ours"] for kind, r in results.items()})
     print(json.dumps({"bytes_per_token": results}))
 
 

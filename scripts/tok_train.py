@@ -10,6 +10,7 @@ import time
 
 from tqdm import tqdm
 
+from nanochat import report
 from nanochat.common import get_base_dir
 from nanochat.tokenizer import Tokenizer, get_token_bytes
 
@@ -64,6 +65,7 @@ def main(argv=None):
                         help="folders of .txt/.jsonl/.parquet files to use instead of the pretraining shards")
     args = parser.parse_args(argv)
 
+    report.start_stage("tokenizer", config=vars(args))
     documents = input_documents(args.input) if args.input else dataset_documents()
     progress = tqdm(total=int(args.max_chars), unit="char", unit_scale=True, desc="training text")
     start = time.time()
@@ -80,6 +82,8 @@ def main(argv=None):
     bpe_bytes = token_bytes[token_bytes > 0].float()
     print(f"saved to {out_dir}; bytes per BPE token: min {bpe_bytes.min():.0f}, "
           f"mean {bpe_bytes.mean():.2f}, max {bpe_bytes.max():.0f}")
+    report.log_metrics("tokenizer", vocab_size=tokenizer.get_vocab_size(), train_chars=progress.n)
+    report.end_stage("tokenizer")
 
     for text in SAMPLES:
         ids = tokenizer.encode(text)

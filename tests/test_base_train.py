@@ -70,7 +70,7 @@ def test_train_kill_resume_matches_uninterrupted(base_dir):
     assert full["val_bpb"] is not None and full["val_bpb"] < 4.0
     # base_eval on the same checkpoint and the same val batches reproduces the trainer's last val bpb.
     evaluated = base_eval.main(["--model-tag", "full", "--device-batch-size", "4", "--eval-tokens", "2048",
-                                "--max-tokens", "4", "--device-type", "cpu"])
+                                "--max-tokens", "4", "--max-per-task", "2", "--device-type", "cpu"])
     assert evaluated["val_bpb"] == pytest.approx(full["val_bpb"], abs=1e-6)
     assert evaluated["copy_loss_first"] > 0 and evaluated["copy_loss_second"] > 0
 

@@ -8,12 +8,12 @@ import torch
 from nanochat.core_eval import (CORE_TASK_BY_LABEL, CORE_TASKS, centered_accuracy, evaluate_core, fewshot_indices,
                                 item_correct, load_core_items, render_texts, score_sequences, tokenize_item)
 from nanochat.gpt import GPTConfig
+from tests.helpers import build_model
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
     """A small perturbed GPT over the test tokenizer's vocabulary, windows shorter than its context."""
-    from tests.helpers import build_model
     return build_model(GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=4, n_head=4,
                                  n_kv_head=2, n_embd=64, window_pattern="SSL"))
 
@@ -78,6 +78,14 @@ def test_rendering_puts_shots_first_and_scores_only_the_answer(tokenizer):
     assert render_texts(schema, [], "schema", " ") == [("The cat sat ", "on the mat."), ("The dog sat ", "on the mat.")]
     (tokens, start), = tokenize_item(tokenizer, [("a b c d e f g h ", "end")], 5)
     assert len(tokens) == 5 and tokens[0] == tokenizer.get_bos_token_id() and tokenizer.decode(tokens[start:]) == " end"
+    # Endings of very different lengths in a short context: each sequence keeps BOS and its answer.
+    long_ending = " ".join(["word"] * 40)
+    pairs = tokenize_item(tokenizer, [("a b c d e f g h ", "end"), ("a b c d e f g h ", long_ending)], 16)
+    assert [len(t) for t, _ in pairs] == [len(tokenize_item(tokenizer, [("a b c d e f g h ", "end")], 1000)[0][0]), 16]
+    assert tokenizer.decode(pairs[0][0][pairs[0][1]:]) == " end" and all(1 <= s < len(t) for t, s in pairs)
+    short = build_model(GPTConfig(sequence_len=16, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1,
+                                  n_kv_head=1, n_embd=32, window_pattern="L"))
+    assert len(score_sequences(short, [pairs], progress=False)[0]) == 2  # the crash this cropping fixes
 
 
 def test_fewshot_examples_are_fixed_and_never_the_item_itself():
