@@ -40,10 +40,17 @@ def letter_ids(tokenizer, letters):
 
 
 @torch.no_grad()
+def fit_prompt(prompt, sequence_len):
+    """A categorical prompt that fits the model's context: BOS and its last sequence_len - 1 tokens
+    (the question's end and the answer cue are what the letter is read after)."""
+    return prompt if len(prompt) <= sequence_len else prompt[:1] + prompt[len(prompt) - sequence_len + 1:]
+
+
 def categorical_answers(model, tokenizer, items, max_batch_tokens=4096, progress=True, desc="categorical"):
-    """The letter each item's prompt ranks highest among item["letters"], batched by length."""
+    """The letter each item's prompt ranks highest among item["letters"], batched by length; a
+    prompt longer than the model's context is cut from the left (fit_prompt)."""
     device = model.get_device()
-    prompts = [tokenizer.render_for_completion(item) for item in items]
+    prompts = [fit_prompt(tokenizer.render_for_completion(item), model.config.sequence_len) for item in items]
     order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
     answers = [None] * len(items)
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=not progress, leave=False)
@@ -77,20 +84,30 @@ def _check_all(task, items, completions, workers):
 
 def generative_outcomes(engine, tokenizer, task, items, num_samples=1, max_new_tokens=512, temperature=0.0,
                         top_k=None, batch_size=16, seed=42, progress=True, desc="generative"):
-    """Per item, whether each of its num_samples sampled replies is right."""
+    """Per item, whether each of its num_samples sampled replies is right. A prompt that leaves no
+    room in the model's context for a reply is not generated from and counts as wrong; a batch
+    generates at most as many tokens as its longest prompt leaves room for."""
     if num_samples > 1 and temperature == 0:
         raise ValueError("num_samples > 1 needs temperature > 0: greedy samples are all the same reply")
     workers = os.cpu_count() or 1
+    context = engine.model.config.sequence_len
     outcomes = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        batch = items[start:start + batch_size]
-        prompts = [tokenizer.render_for_completion(item) for item in batch]
-        sequences, _ = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
+        rendered = [tokenizer.render_for_completion(item) for item in items[start:start + batch_size]]
+        fits = [len(p) < context for p in rendered]
+        batch = [item for item, fit in zip(items[start:start + batch_size], fits) if fit]
+        prompts = [p for p, fit in zip(rendered, fits) if fit]
+        if not batch:
+            outcomes += [[False] * num_samples for _ in fits]
+            continue
+        budget = min(max_new_tokens, context - max(len(p) for p in prompts))
+        sequences, _ = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=budget,
                                              temperature=temperature, top_k=top_k, seed=seed + start)
         replies = [tokenizer.decode(seq[len(prompts[r // num_samples]):]) for r, seq in enumerate(sequences)]
         paired = [item for item in batch for _ in range(num_samples)]
         checked = _check_all(task, paired, replies, workers)
-        outcomes += [checked[i:i + num_samples] for i in range(0, len(checked), num_samples)]
+        generated = iter(checked[i:i + num_samples] for i in range(0, len(checked), num_samples))
+        outcomes += [next(generated) if fit else [False] * num_samples for fit in fits]
     return outcomes
 
 

@@ -63,6 +63,31 @@ def test_generative_outcomes_equal_one_prompt_at_a_time(model, tokenizer):
         generative_outcomes(engine, tokenizer, task, items, num_samples=2, temperature=0.0)
 
 
+def test_prompts_longer_than_the_context(model, tokenizer):
+    """Categorical prompts are cut from the left to the context; a generative prompt that leaves no
+    room for a reply counts as wrong without being generated from, and the others are unaffected."""
+    items = list(ARC("ARC-Easy", stop=6))
+    lengths = sorted(len(tokenizer.render_for_completion(item)) for item in items)
+    short = build_model(dataclasses.replace(model.config, sequence_len=lengths[2]))
+    answers = categorical_answers(short, tokenizer, items, progress=False)
+    for item, answer in zip(items, answers):
+        prompt = tokenizer.render_for_completion(item)
+        kept = prompt[:1] + prompt[max(1, len(prompt) - lengths[2] + 1):]
+        with torch.no_grad():
+            scores = short(torch.tensor([kept]))[0, -1][letter_ids(tokenizer, item["letters"])]
+        assert len(kept) <= lengths[2] and answer == item["letters"][int(scores.argmax())]
+    task = SpellingBee("test", size=8)
+    spelled = list(task)
+    longest = max(len(tokenizer.render_for_completion(item)) for item in spelled)
+    engine = Engine(build_model(dataclasses.replace(model.config, sequence_len=longest)), tokenizer)
+    outcomes = generative_outcomes(engine, tokenizer, task, spelled, max_new_tokens=4, batch_size=3, progress=False)
+    assert len(outcomes) == len(spelled)
+    for item, outcome in zip(spelled, outcomes):
+        prompt = tokenizer.render_for_completion(item)
+        if len(prompt) == longest:  # no room for a reply: wrong, whatever the answer
+            assert outcome == [False]
+
+
 def test_task_results_and_chatcore(model, tokenizer):
     engine = Engine(model, tokenizer)
     task = ARC("ARC-Challenge")
