@@ -83,6 +83,7 @@ class KVCache:
         self.positions = KVPositions(self.lengths, self.k.device)
 
     def end_chunk(self, T):
+        """T: the positions every row advanced by, or a (B,) tensor of each row's (a padded batch)."""
         self.lengths = self.lengths + T
         self.positions = None
 
@@ -133,20 +134,20 @@ class BatchKVCache(KVCache):
         self._k, self._v = k, v
         self.capacity = positions
 
-    def admit(self, other, need):
-        """Append the one row of a prefilled batch-1 cache as the last row. need: the positions this
-        row may reach (its prompt plus its new tokens)."""
+    def admit(self, other, need, source=0):
+        """Append row `source` of a prefilled cache (Engine.prefill_batch) as the last row. need: the
+        positions this row may reach (its prompt plus its new tokens)."""
         rows, positions = self._k.size(1), self.capacity
         if self.size == rows or need > positions:
             grown_rows = max(1, 2 * rows) if self.size == rows else rows
             grown_positions = positions if need <= positions else max(need, min(2 * positions, self.max_positions))
             self._grow(grown_rows, grown_positions)
-        n, row = int(other.lengths[0]), self.size
-        self._k[:, row, :n] = other.k[:, 0, :n]
-        self._v[:, row, :n] = other.v[:, 0, :n]
+        n, row = int(other.lengths[source]), self.size
+        self._k[:, row, :n] = other.k[:, source, :n]
+        self._v[:, row, :n] = other.v[:, source, :n]
         self.k, self.v = self._k[:, :row + 1], self._v[:, :row + 1]
-        self.lengths = torch.cat([self.lengths, other.lengths[:1]])
-        prev = other.smear_prev[:1]  # prompts have at least one text token, so this is set
+        self.lengths = torch.cat([self.lengths, other.lengths[source:source + 1]])
+        prev = other.smear_prev[source:source + 1]  # prompts have at least one text token, so this is set
         self.smear_prev = prev if self.smear_prev is None else torch.cat([self.smear_prev, prev])
 
     def evict(self, row):
@@ -375,20 +376,20 @@ class Engine:
             raise ValueError(f"audio_features must be None, a tensor or a list, got {type(audio_features).__name__}")
         if len(audio) != len(prompts):
             raise ValueError(f"{len(audio)} audio inputs for {len(prompts)} prompts")
-        return prompts, [self._check_audio(i, a) for i, a in enumerate(audio)]
+        return prompts, [self._check_audio(a, f"audio_features of prompt {i}") for i, a in enumerate(audio)]
 
-    def _check_audio(self, i, clip):
+    def _check_audio(self, clip, name="audio_features"):
         """One prompt's soft audio tokens as (1, T_a, n_embd), or a ValueError naming what is wrong."""
         if clip is None:
             return None
         n_embd = self.model.config.n_embd
         if not torch.is_tensor(clip) or not clip.is_floating_point():
-            raise ValueError(f"audio_features of prompt {i} must be a float tensor, got {clip!r:.60}")
+            raise ValueError(f"{name} must be a float tensor, got {clip!r:.60}")
         clip = clip if clip.dim() != 2 else clip.unsqueeze(0)
         if clip.dim() != 3 or clip.size(0) != 1 or clip.size(2) != n_embd:
-            raise ValueError(f"audio_features of prompt {i} must be (1, T_a, {n_embd}), got {tuple(clip.shape)}")
+            raise ValueError(f"{name} must be (1, T_a, {n_embd}), got {tuple(clip.shape)}")
         if not bool(torch.isfinite(clip).all()):
-            raise ValueError(f"audio_features of prompt {i} contain NaN or inf (a broken clip or projector)")
+            raise ValueError(f"{name} contain NaN or inf (a broken clip or projector)")
         return clip
 
     @torch.inference_mode()
@@ -439,11 +440,43 @@ class Engine:
     def prefill(self, prompt, clip=None):
         """Prefill one prompt (its audio soft tokens (1, T_a, n_embd) in front, if any) at batch 1:
         (its KVCache, the logits (1, V) of its first new token)."""
+        return self.prefill_batch([prompt], [clip])
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts, clips):
+        """Prefill prompts of any lengths, each with its clip ((1, T_a, n_embd) or None; any lengths)
+        in front, in one forward: (a KVCache with one row per prompt, each exactly as a prefill of
+        that prompt alone leaves it, and the logits (B, V) of each prompt's first new token)."""
         model, device = self.model, self.model.get_device()
-        cache = KVCache(model, 1, len(prompt) + (0 if clip is None else clip.size(1)))
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        clip = None if clip is None else clip.to(device)
-        return cache, model(ids, kv_cache=cache, audio_features=clip, last_only=True)[:, -1]
+        clips = [self._check_audio(c, "audio_features" if len(clips) == 1 else f"audio_features of prompt {i}")
+                 for i, c in enumerate(clips)]
+        text = [len(p) for p in prompts]
+        audio = [0 if c is None else c.size(1) for c in clips]
+        cache = KVCache(model, len(prompts), max(a + t for a, t in zip(audio, text)))
+        ids = torch.tensor([p + [0] * (max(text) - len(p)) for p in prompts], dtype=torch.long, device=device)
+        features = None
+        if max(audio):  # left-padded, as GPT.forward takes clips of different lengths
+            features = torch.zeros(len(prompts), max(audio), model.config.n_embd, device=device)
+            for i, c in enumerate(clips):
+                if c is not None:
+                    features[i, max(audio) - c.size(1):] = c[0].to(device)
+        uniform = len(set(text)) == 1 and len(set(audio)) == 1
+        return cache, model(ids, kv_cache=cache, audio_features=features, last_only=True,
+                            audio_lengths=None if uniform else torch.tensor(audio),
+                            text_lengths=None if uniform else torch.tensor(text))[:, -1]
+
+    @torch.inference_mode()
+    def prefill_chunk(self, cache, prompt, clip, start, stop):
+        """Positions [start, stop) of a prompt (its clip's soft tokens, then its text) into a batch-1
+        `cache` that holds [0, start): a long prompt prefilled over several steps computes what one
+        prefill does. Returns the logits (1, V) at position stop - 1 (the first new token's once
+        stop is the whole prompt)."""
+        clip = self._check_audio(clip)
+        device = self.model.get_device()
+        audio_len = 0 if clip is None else clip.size(1)
+        audio = clip[:, start:stop].to(device) if start < audio_len else None
+        ids = torch.tensor(prompt[max(start - audio_len, 0):max(stop - audio_len, 0)], dtype=torch.long, device=device)
+        return self.model(ids[None], kv_cache=cache, audio_features=audio, last_only=True)[:, -1]
 
     def advance(self, row, sampled):
         """The token a row takes this step: a pending tool-output token if there is one, else the

@@ -267,7 +267,7 @@ class GPT(nn.Module):
         return self.wte.weight.device
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", *, audio_features=None, audio_lengths=None,
-                last_only=False):
+                text_lengths=None, last_only=False):
         """Logits (B, T, vocab) for the text positions, or the loss if targets are given.
 
         audio_features: (B, T_a, n_embd) projected audio frames placed in front of the text.
@@ -275,13 +275,25 @@ class GPT(nn.Module):
         the audio must then be left-padded so every clip ends right before its text (rotary
         distances between text and audio stay the same whatever the batch).
         kv_cache: prefill/decode against a cache; an audio prefix is written into it like text.
+        text_lengths: (B,) valid tokens per row of a right-padded idx: prompts of different lengths
+        (and clips of different lengths, left-padded as above) prefilled together into an empty
+        kv_cache with last_only. Each row is packed to start at cache position 0 (its clip, then its
+        text, then padding that no later token sees: the row's cache length is its own), and its
+        logits and smear state come from its own last position.
         last_only: logits (B, 1, vocab) of the last position only, all a prefill needs (the lm_head
         over a whole prompt cost as much as the blocks: d6, vocab 32768)."""
         B, T = idx.shape
         if last_only and targets is not None:
             raise ValueError("last_only is for generation: it returns logits, not a loss")
+        if text_lengths is not None:
+            text_lengths = torch.as_tensor(text_lengths, dtype=torch.long).cpu()
+            if kv_cache is None or not last_only or int(kv_cache.lengths.max()) != 0:
+                raise ValueError("text_lengths (a right-padded batch of prompts) is for a prefill into an empty "
+                                 "kv_cache with last_only")
+            if text_lengths.shape != (B,) or not bool(((text_lengths >= 1) & (text_lengths <= T)).all()):
+                raise ValueError(f"text_lengths must hold B={B} lengths in [1, {T}], got {text_lengths.tolist()}")
         x = norm(self.wte(idx))
-        x = self._smear(x, kv_cache)
+        x = self._smear(x, kv_cache, text_lengths)
         T_a = 0 if audio_features is None else audio_features.size(1)
         if audio_features is not None:
             if audio_features.dim() != 3 or audio_features.size(0) != B or audio_features.size(2) != self.config.n_embd:
@@ -291,11 +303,23 @@ class GPT(nn.Module):
             idx = F.pad(idx, (T_a, 0), value=0)  # value embeddings see token 0 over the audio
         T_full = T_a + T
 
-        key_valid = None
-        if audio_lengths is not None:
+        key_valid, row_lengths = None, None
+        if text_lengths is not None:
+            # Pack each row to start at position 0: drop its clip's left padding (a gather), so it sits
+            # in the cache exactly where a prefill of that row alone puts it.
+            clip = (torch.full((B,), T_a, dtype=torch.long) if audio_lengths is None
+                    else torch.as_tensor(audio_lengths, dtype=torch.long).cpu())
+            if clip.shape != (B,) or not bool(((clip >= 0) & (clip <= T_a)).all()):
+                raise ValueError(f"audio_lengths must hold B={B} lengths in [0, T_a={T_a}], got {clip.tolist()}")
+            row_lengths = clip + text_lengths
+            T_full = int(row_lengths.max())
+            source = ((T_a - clip)[:, None] + torch.arange(T_full)[None, :]).clamp(max=T_a + T - 1).to(x.device)
+            x = x.gather(1, source[..., None].expand(-1, -1, x.size(-1)))
+            idx = idx.gather(1, source)
+        elif audio_lengths is not None:
             if kv_cache is not None:
-                raise ValueError("audio_lengths (padded audio batches) is for training forwards; "
-                                 "the engine prefills each clip at its own length")
+                raise ValueError("audio_lengths (padded audio batches) with a kv_cache needs text_lengths: "
+                                 "a batched prefill packs each row to its own positions")
             frame = torch.arange(T_a, device=x.device)[None, :]
             audio_valid = frame >= (T_a - audio_lengths.to(x.device)[:, None])
             key_valid = torch.cat([audio_valid, torch.ones(B, T, dtype=torch.bool, device=x.device)], dim=1)
@@ -320,8 +344,10 @@ class GPT(nn.Module):
             if i == self.backout_layer:
                 x_mid = x
         if kv_cache is not None:
-            kv_cache.end_chunk(T_full)
+            kv_cache.end_chunk(T_full if row_lengths is None else row_lengths)
         x = x - self.backout_lambda * x_mid
+        if row_lengths is not None:
+            x = x[torch.arange(B, device=x.device), (row_lengths - 1).to(x.device)][:, None]
         x = norm(x[:, -1:] if last_only else x[:, T_a:])
 
         if targets is None or (loss_reduction == "none" and torch.is_grad_enabled()):
@@ -335,15 +361,19 @@ class GPT(nn.Module):
                                               self.config.vocab_size, loss_reduction, torch.is_grad_enabled())
         return losses.view(B, T) if loss_reduction == "none" else losses
 
-    def _smear(self, x, kv_cache):
+    def _smear(self, x, kv_cache, text_lengths=None):
         """x[t] += smear_lambda * sigmoid(gate(x[t])) * x[t-1] over text tokens only.
 
         With a cache, the previous call's last embedding continues the chain, so prefill in
-        chunks and token-by-token decode compute exactly what one full forward does."""
+        chunks and token-by-token decode compute exactly what one full forward does. A
+        right-padded batch (text_lengths) leaves each row's own last embedding."""
         if x.size(1) == 0:
             return x
         prev = None if kv_cache is None else kv_cache.smear_prev
-        if kv_cache is not None:
+        if text_lengths is not None:
+            rows = torch.arange(x.size(0), device=x.device)
+            kv_cache.smear_prev = x[rows, (text_lengths - 1).to(x.device)][:, None]
+        elif kv_cache is not None:
             kv_cache.smear_prev = x[:, -1:]
         if prev is not None:
             x = torch.cat([prev, x], dim=1)  # mixed in below, then dropped again

@@ -4,10 +4,13 @@
     scheduler.submit(Request(prompt_ids, max_tokens=64, sampling=SamplingParams(temperature=0),
                              on_event=callback))   # callback(kind, value) runs on the scheduler thread
 
-A request that arrives while others decode is prefilled alone (its audio soft tokens in front, if
-any: Engine.prefill) and joins the running batch at the next step (BatchKVCache.admit); one that
-stops, reaches its max_tokens or is cancelled (its client went away) leaves at once
-(BatchKVCache.evict). Every row decodes at its own position with its own sampling parameters and
+Requests that arrive while others decode are prefilled together, in one forward over prompts of
+different lengths with their audio soft tokens in front (Engine.prefill_batch), take their first
+token at once and join the running batch (BatchKVCache.admit); one that stops, reaches its
+max_tokens or is cancelled (its client went away) leaves at once (BatchKVCache.evict). A step runs
+at most one prefill forward of at most `prefill_tokens` positions (padding included), so running
+rows keep getting tokens while a burst of requests or a long prompt (prefilled in chunks over
+several steps, Engine.prefill_chunk) comes in. Every row decodes at its own position with its own sampling parameters and
 seeded generator (sample_rows), and the calculator tool runs per row (Engine.advance), so a request
 gets the tokens it would get alone, whatever else runs beside it (tested).
 
@@ -28,9 +31,19 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.common import logger
-from nanochat.engine import BatchKVCache, Engine, Row, SamplingParams, sample_rows
+from nanochat.engine import BatchKVCache, Engine, KVCache, Row, SamplingParams, sample_rows
 
 STATS_WINDOW_S = 10.0  # tokens/s and requests/s in stats() are averaged over this many seconds
+# Prefill positions per step (one forward, padding included). Measured on this 2-core CPU, d6,
+# 1 thread: a prefill costs ~10 ms + 0.37 ms a position (40: 25 ms, 500: 195 ms, 2000: 1.1 s) and
+# a decode step 13 / 22 / 33 ms at 1 / 4 / 16 rows; four prompts batched cost 74 ms against 104 ms
+# one by one. PREFILL_TOKENS_CPU bounds what a burst or a long prompt adds to the running rows'
+# next token, while four chat prompts of ~40 tokens still go in one forward (benchmarks/serve_bench.py
+# --prefill-tokens compares budgets end to end; README). Accelerators run a prefill of a few
+# thousand positions in about the time of a few hundred, so there the budget only needs to bound a
+# context-long prompt (not measured here; vLLM found 512 best for ITL/TTFT on an A100, vllm#4580).
+PREFILL_TOKENS_CPU = 256
+PREFILL_TOKENS_ACCELERATOR = 2048
 
 
 class ServerBusy(Exception):
@@ -64,16 +77,21 @@ class Request:
     on_event: object = None
     # Filled in by the scheduler (time.perf_counter() seconds).
     submitted_at: float = None
-    admitted_at: float = None
+    prefill_started_at: float = None
     first_token_at: float = None
     finished_at: float = None
     completion_tokens: int = 0
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
+    def prompt_positions(self):
+        """Cache positions of the prompt: its audio soft tokens and its text."""
+        return (0 if self.audio is None else self.audio.size(1)) + len(self.tokens)
+
+    @property
     def positions(self):
         """Cache positions the request may reach: audio, prompt and every new token."""
-        return (0 if self.audio is None else self.audio.size(1)) + len(self.tokens) + self.max_tokens
+        return self.prompt_positions + self.max_tokens
 
     def cancel(self):
         """Stop generating (e.g. the client disconnected); the row leaves at the next step."""
@@ -93,27 +111,43 @@ class _Active:
     last_token: int = None
 
 
+@dataclass(eq=False)
+class _Chunked:
+    """A prompt longer than a step's prefill budget, prefilled a chunk per step into its own cache."""
+    request: Request
+    cache: KVCache
+    done: int = 0  # positions prefilled so far
+
+
 class Scheduler:
     """Owns `model` on one device; see the module docstring. max_positions: the longest request
-    (audio + prompt + new tokens), by default the model's training context."""
+    (audio + prompt + new tokens), by default the model's training context. prefill_tokens: the
+    most prefill positions a step runs (default: PREFILL_TOKENS_CPU or _ACCELERATOR)."""
 
     def __init__(self, model, tokenizer, max_batch=32, max_queue=256, queue_timeout=30.0, max_positions=None,
-                 name="scheduler"):
-        if max_batch < 1 or max_queue < 0 or queue_timeout <= 0:
-            raise ValueError(f"need max_batch >= 1, max_queue >= 0 and queue_timeout > 0, got {max_batch}, "
-                             f"{max_queue}, {queue_timeout}")
+                 name="scheduler", prefill_tokens=None):
+        if prefill_tokens is None:
+            prefill_tokens = PREFILL_TOKENS_CPU if model.get_device().type == "cpu" else PREFILL_TOKENS_ACCELERATOR
+        if max_batch < 1 or max_queue < 0 or queue_timeout <= 0 or prefill_tokens < 1:
+            raise ValueError(f"need max_batch >= 1, max_queue >= 0, queue_timeout > 0 and prefill_tokens >= 1, got "
+                             f"{max_batch}, {max_queue}, {queue_timeout}, {prefill_tokens}")
         self.model, self.engine = model, Engine(model, tokenizer)
         self.max_batch, self.max_queue, self.queue_timeout = max_batch, max_queue, queue_timeout
         self.max_positions = max_positions or model.config.sequence_len
+        self.prefill_tokens = prefill_tokens
         self.name = name
         self._pending = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = None
-        self._active_rows = 0
+        self._active_rows = 0  # rows decoding or being prefilled in chunks
+        self._chunked = None  # the _Chunked in progress, if any (scheduler thread only)
         self._recent = deque()  # (time, tokens generated, requests finished) per step, last STATS_WINDOW_S
+        # queue_seconds / prefill_seconds: summed over requests that got their first token, from
+        # submit to the start of their prefill, and from there to their first token.
         self.counters = dict(submitted=0, completed=0, cancelled=0, timed_out=0, rejected=0, failed=0,
-                             prompt_tokens=0, completion_tokens=0, steps=0)
+                             prompt_tokens=0, completion_tokens=0, steps=0, prefills=0, queue_seconds=0.0,
+                             prefill_seconds=0.0)
 
     # ------------------------------------------------------------------
     # the client side (any thread)
@@ -195,9 +229,11 @@ class Scheduler:
         self.counters[key] += 1
         self._emit(request, kind, value)
 
-    def _take_pending(self, wait):
-        """Requests to admit now (up to the free rows); drops cancelled and timed-out ones. Blocks
-        while there is nothing to do if `wait`. None once closed."""
+    def _take_pending(self, wait, budget):
+        """Requests to prefill now, oldest first: up to the free rows and as many as one prefill
+        forward of `budget` positions holds (padded to the longest). A prompt longer than a whole
+        step's budget comes alone, to be chunked. Drops cancelled and timed-out ones. Blocks while
+        there is nothing to do if `wait`. None once closed."""
         with self._cond:
             while True:
                 if self._closed:
@@ -213,13 +249,18 @@ class Scheduler:
                         self._finish(request, "error", QueueTimeout(
                             f"no free row after {waited:.1f} s in the queue (queue_timeout {self.queue_timeout} s)",
                             self.retry_after()))
-                taken = []
-                while self._pending and self._active_rows + len(taken) < self.max_batch:
-                    request = self._pending.popleft()
+                taken, longest = [], 0
+                while budget and self._pending and self._active_rows + len(taken) < self.max_batch:
+                    request = self._pending[0]
                     if request.cancelled:
-                        self._finish(request, "done", "cancelled")
-                    else:
-                        taken.append(request)
+                        self._finish(self._pending.popleft(), "done", "cancelled")
+                        continue
+                    longest = max(longest, request.prompt_positions)
+                    if (len(taken) + 1) * longest > budget and (taken or budget < self.prefill_tokens):
+                        break
+                    taken.append(self._pending.popleft())
+                    if longest > budget:
+                        break
                 if taken or not wait:
                     return taken
                 # Wake up for a new request, close(), or the next queue timeout of a waiting one.
@@ -233,7 +274,8 @@ class Scheduler:
         cache = BatchKVCache(self.model)
         with torch.inference_mode():
             while True:
-                admitted = self._take_pending(wait=not running)
+                idle = not running and self._chunked is None
+                admitted = self._take_pending(wait=idle, budget=0 if self._chunked else self.prefill_tokens)
                 if admitted is None:
                     break
                 try:
@@ -243,10 +285,11 @@ class Scheduler:
                     for active in running:
                         self._finish(active.request, "error", exc)
                     running, logits, cache = [], None, BatchKVCache(self.model)
-                    self._active_rows = 0
+                    self._active_rows = 0 if self._chunked is None else 1
         closed = SchedulerClosed("the server is shutting down")
         with self._cond:
-            leftover = [a.request for a in running] + list(self._pending)
+            chunked = [] if self._chunked is None else [self._chunked.request]
+            leftover = [a.request for a in running] + chunked + list(self._pending)
             self._pending.clear()
         for request in leftover:
             self._finish(request, "error", closed)
@@ -267,11 +310,61 @@ class Scheduler:
         self._emit(request, "token", token)
         return "length" if request.completion_tokens >= request.max_tokens else None
 
+    def _prefill(self, admitted):
+        """One prefill forward: the next chunk of a long prompt, or the admitted requests together.
+        Returns the positions it ran (padding included) and (cache, row, request, first logits
+        (1, V)) for each request whose prompt is now whole; a request whose prefill fails gets its
+        error (the others go on)."""
+        now = time.perf_counter()
+        for request in admitted:
+            request.prefill_started_at = now
+        if len(admitted) == 1 and admitted[0].prompt_positions > self.prefill_tokens:
+            request = admitted[0]
+            self._chunked = _Chunked(request, KVCache(self.model, 1, request.prompt_positions))
+        if self._chunked is not None:
+            return self._prefill_chunk()
+        positions = len(admitted) * max(r.prompt_positions for r in admitted)
+        try:
+            cache, first = self.engine.prefill_batch([r.tokens for r in admitted], [r.audio for r in admitted])
+        except Exception as exc:
+            if len(admitted) == 1:
+                logger.exception("%s: prefill failed", self.name)
+                self._finish(admitted[0], "error", exc)
+                return positions, []
+            # One bad request must not fail the ones that arrived with it: each again, alone.
+            return positions, [done for request in admitted for done in self._prefill([request])[1]]
+        self.counters["prefills"] += 1
+        return positions, [(cache, i, request, first[i:i + 1]) for i, request in enumerate(admitted)]
+
+    def _prefill_chunk(self):
+        chunked, request = self._chunked, self._chunked.request
+        total = request.prompt_positions
+        if request.cancelled:
+            self._chunked = None
+            self._finish(request, "done", "cancelled")
+            return 0, []
+        end = min(chunked.done + self.prefill_tokens, total)
+        try:
+            first = self.engine.prefill_chunk(chunked.cache, request.tokens, request.audio, chunked.done, end)
+        except Exception as exc:
+            logger.exception("%s: prefill failed", self.name)
+            self._chunked = None
+            self._finish(request, "error", exc)
+            return self.prefill_tokens, []
+        self.counters["prefills"] += 1
+        positions, chunked.done = end - chunked.done, end
+        if end < total:
+            return positions, []
+        self._chunked = None
+        return positions, [(chunked.cache, 0, request, first)]
+
     def _step(self, cache, running, logits, admitted):
-        """One step: the running rows take the tokens of the last forward, the new requests are
-        prefilled and take their first token (so a new client waits for its own prefill, never for
-        the others'), finished rows leave, and one decode forward runs for every row left.
-        Returns the rows still running and their next logits."""
+        """One step: the running rows take the tokens of the last forward; prefills run
+        (Scheduler._prefill), for the requests admitted and then for any that arrived meanwhile,
+        up to prefill_tokens positions in all, each request taking its first token as soon as its
+        prefill is done (so a new client waits for the prefill in flight, not for a decode step
+        too); finished rows leave, and one decode forward runs for every row left. Returns the
+        rows still running and their next logits."""
         device = self.model.get_device()
         before = self.counters["completion_tokens"]
         finished = []
@@ -285,23 +378,26 @@ class Scheduler:
                 finished.append((running[i].request, reason))
                 running[i] = running[-1]
                 running.pop()
-        for request in admitted:
-            try:
-                single, first = self.engine.prefill(request.tokens, request.audio)
-            except Exception as exc:  # this request's fault or not, the running batch goes on
-                logger.exception("%s: prefill failed", self.name)
-                self._finish(request, "error", exc)
-                continue
-            request.admitted_at = time.perf_counter()
-            self.counters["prompt_tokens"] += int(single.lengths[0])
-            active = _Active(request, Row(), request.sampling.generator(device))
-            reason = self._take(active, sample_rows(first, [request.sampling], [active.generator]).item())
-            if reason is None:
-                cache.admit(single, request.positions)
-                running.append(active)
-            else:
-                finished.append((request, reason))
-        self._active_rows = len(running)  # before the done events, so a client sees its row gone
+        budget = self.prefill_tokens
+        while admitted or self._chunked is not None:
+            positions, done = self._prefill(admitted)
+            for prefilled, row, request, first in done:
+                self.counters["prompt_tokens"] += request.prompt_positions
+                active = _Active(request, Row(), request.sampling.generator(device))
+                reason = self._take(active, sample_rows(first, [request.sampling], [active.generator]).item())
+                self.counters["queue_seconds"] += request.prefill_started_at - request.submitted_at
+                self.counters["prefill_seconds"] += time.perf_counter() - request.prefill_started_at
+                if reason is None:
+                    cache.admit(prefilled, request.positions, source=row)
+                    running.append(active)
+                else:
+                    finished.append((request, reason))
+            self._active_rows = len(running) + (self._chunked is not None)
+            budget -= positions
+            if self._chunked is not None or budget <= 0:
+                break
+            admitted = self._take_pending(wait=False, budget=budget)
+        self._active_rows = len(running) + (self._chunked is not None)  # before the done events: a client sees its row gone
         now = time.perf_counter()
         self.counters["steps"] += 1
         self._recent.append((now, self.counters["completion_tokens"] - before, len(finished)))

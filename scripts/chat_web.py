@@ -36,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every /v1 route (default: $NANOCHAT_API_KEY, else none)")
     p.add_argument("--max-batch", type=int, default=32, help="most requests decoding together per scheduler")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="most prompt positions prefilled per scheduler step, so running streams keep flowing "
+                        "(default: 256 on CPU, 2048 on GPUs; see nanochat/scheduler.py)")
     p.add_argument("--max-queue", type=int, default=256, help="most requests waiting for a row; past it a 503")
     p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait for a row; then a 503")
     p.add_argument("--max-messages", type=int, default=d.max_messages, help="most messages in a request")
@@ -66,7 +69,7 @@ def main(argv=None):
     for device in devices(args.device_type, args.gpus):
         speech_lm, gpt, tokenizer, name = load_chat_model(args.source, args.tag, args.step, device)
         scheduler = Scheduler(gpt, tokenizer, args.max_batch, args.max_queue, args.queue_timeout,
-                              name=f"scheduler-{device}").start()
+                              name=f"scheduler-{device}", prefill_tokens=args.prefill_tokens).start()
         replicas.append(Replica(scheduler, speech_lm))
     prompts = [task.prompt for task in (SpokenTranscription, SpokenQuestions, SpokenContinuation)]
     app = create_app(replicas, tokenizer, name, limits, args.api_key, SpokenTranscription.prompt, prompts)

@@ -5,7 +5,7 @@ bad requests, the calculator tool."""
 import pytest
 import torch
 
-from nanochat.engine import CalculatorError, Engine, context_budget, use_calculator
+from nanochat.engine import CalculatorError, Engine, KVCache, context_budget, use_calculator
 from nanochat.gpt import GPTConfig
 from tests.helpers import build_model
 
@@ -81,6 +81,39 @@ def test_audio_prompts_of_different_lengths(engine, model, tokenizer):
     for row, clip in zip(batched, clips):
         assert row == greedy_with_full_forwards(model, prompt, len(row), audio=clip)
     assert batched[0] != batched[1]
+
+
+@torch.no_grad()
+def test_batched_and_chunked_prefills_equal_one_prefill(engine, model):
+    """Prompts of different lengths with clips of different lengths (and none) prefilled in one
+    forward, and a long prompt prefilled in chunks that also split its clip: every row's cache
+    (keys, values, length, smear state) is that of its prefill alone, and its first logits are
+    the full forward's."""
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (3, 40, 11, 1)]
+    clips = [torch.randn(1, 9, 64), None, torch.randn(1, 30, 64), torch.randn(1, 2, 64)]
+
+    def same_row(cache, row, single):
+        n = int(single.lengths[0])
+        assert int(cache.lengths[row]) == n
+        for mine, theirs in ((cache.k, single.k), (cache.v, single.v)):
+            assert (mine[:, row, :n] - theirs[:, 0, :n]).abs().max() <= 1e-5
+        assert (cache.smear_prev[row] - single.smear_prev[0]).abs().max() <= 1e-6
+
+    cache, first = engine.prefill_batch(prompts, clips)
+    for i, (prompt, clip) in enumerate(zip(prompts, clips)):
+        single, alone = engine.prefill(prompt, clip)
+        same_row(cache, i, single)
+        full = model(torch.tensor([prompt]), audio_features=clip)[0, -1]
+        assert (first[i] - full).abs().max() <= 1e-4 and (alone[0] - full).abs().max() <= 1e-4
+
+    prompt, clip = prompts[1], clips[2]  # 30 soft tokens, then 40 text tokens
+    chunked = KVCache(model, 1, 70)
+    for start, stop in [(0, 12), (12, 30), (30, 31), (31, 64), (64, 70)]:
+        logits = engine.prefill_chunk(chunked, prompt, clip, start, stop)
+    single, alone = engine.prefill(prompt, clip)
+    same_row(chunked, 0, single)
+    assert (logits - model(torch.tensor([prompt]), audio_features=clip)[:, -1]).abs().max() <= 1e-4
 
 
 def test_finished_rows_leave_the_batch(model, tokenizer):

@@ -137,6 +137,52 @@ def test_left_padded_audio_batch_equals_each_clip_alone(small_model):
     torch.testing.assert_close(batched[1:2], small_model(idx[1:2], audio_features=long), atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_right_padded_prefill_batch_equals_each_row_alone(small_model):
+    """Prompts of different lengths with clips of different lengths (and none) prefilled in one
+    forward (text right-padded with loud junk, clips left-padded): each row's first logits and
+    every decode step after it, in the same cache, equal full forwards over that row alone. So the
+    padding is never seen, each row's keys sit at its own positions and its smear state is its own.
+    The longest row passes the short window (128)."""
+    B, steps = 4, 12
+    texts = [tokens(1, n, seed=10 + i)[0] for i, n in enumerate([5, 120, 17, 1])]
+    clips = [None, torch.randn(1, 30, 64), torch.randn(1, 13, 64), torch.randn(1, 2, 64)]
+    text_lengths = torch.tensor([len(t) for t in texts])
+    audio_lengths = torch.tensor([0 if c is None else c.size(1) for c in clips])
+    idx = torch.full((B, int(text_lengths.max())), 299)
+    audio = torch.full((B, int(audio_lengths.max()), 64), 7.0)
+    for i, (t, c) in enumerate(zip(texts, clips)):
+        idx[i, :len(t)] = t
+        if c is not None:
+            audio[i, audio.size(1) - c.size(1):] = c[0]
+    cache = KVCache(small_model, B, int((text_lengths + audio_lengths).max()) + steps)
+    logits = small_model(idx, kv_cache=cache, audio_features=audio, audio_lengths=audio_lengths,
+                         text_lengths=text_lengths, last_only=True)[:, -1]
+    assert cache.lengths.tolist() == (text_lengths + audio_lengths).tolist()
+    sequences = [t.tolist() for t in texts]
+    for step in range(steps + 1):
+        for i, (seq, clip) in enumerate(zip(sequences, clips)):
+            alone = small_model(torch.tensor([seq]), audio_features=clip)[0, -1]
+            assert (logits[i] - alone).abs().max().item() <= 1e-4, (step, i)
+        if step == steps:
+            break
+        nxt = tokens(B, 1, seed=100 + step)
+        for seq, t in zip(sequences, nxt[:, 0].tolist()):
+            seq.append(t)
+        logits = small_model(nxt, kv_cache=cache)[:, -1]
+
+
+def test_bad_text_lengths_raise(small_model):
+    cache = KVCache(small_model, 2, 20)
+    with pytest.raises(ValueError, match="empty kv_cache with last_only"):
+        small_model(tokens(2, 5), kv_cache=cache, text_lengths=torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match=r"text_lengths must hold B=2 lengths in \[1, 5\]"):
+        small_model(tokens(2, 5), kv_cache=cache, text_lengths=torch.tensor([6, 3]), last_only=True)
+    with pytest.raises(ValueError, match=r"audio_lengths must hold B=2 lengths in \[0, T_a=4\]"):
+        small_model(tokens(2, 5), kv_cache=cache, text_lengths=torch.tensor([5, 3]), last_only=True,
+                    audio_features=torch.randn(2, 4, 64), audio_lengths=torch.tensor([4, 9]))
+
+
 def test_bad_audio_shapes_raise(small_model):
     with pytest.raises(ValueError, match="audio_features must be"):
         small_model(tokens(2, 5), audio_features=torch.randn(2, 4, 63))

@@ -106,6 +106,97 @@ def test_a_request_in_a_busy_changing_batch_gets_what_it_gets_alone(scheduler, m
     assert len({tuple(t) for t in sampled}) == len(sampled)  # the seeds differ, so do the samples
 
 
+class Forwards:
+    """Records every model forward while open: ("prefill", rows, positions a row) or ("decode", rows)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def record(self, module, args, kwargs):
+        idx, audio = args[0], kwargs.get("audio_features")
+        if kwargs.get("last_only"):
+            text = kwargs.get("text_lengths")
+            clips = kwargs.get("audio_lengths")
+            if text is None:
+                width = idx.size(1) + (0 if audio is None else audio.size(1))
+            else:  # a padded batch, packed: as wide as its longest row
+                width = int((text + (clips if clips is not None else 0 if audio is None else audio.size(1))).max())
+            self.calls.append(("prefill", idx.size(0), width))
+        else:
+            self.calls.append(("decode", idx.size(0)))
+
+    def __enter__(self):
+        self.handle = self.model.register_forward_pre_hook(self.record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    @property
+    def prefills(self):
+        return [c for c in self.calls if c[0] == "prefill"]
+
+
+def test_requests_that_arrive_together_are_prefilled_together(model, tokenizer):
+    """Prompts of different lengths, with clips of different lengths or none, queued while the
+    scheduler is busy: one prefill forward for all, and each gets exactly what it gets alone."""
+    s = Scheduler(model, tokenizer, max_batch=8)  # not started yet: every request is waiting at the first step
+    texts = ["x", "import os", "for i in range(10):\n    print(i)", "class Foo(object):"]
+    requests = [s.submit(request(prompt_of(tokenizer, t), max_tokens=15)) for t in texts]
+    requests.append(s.submit(request(prompt_of(tokenizer, "print("), 15, audio=torch.randn(1, 9, 64))))
+    requests.append(s.submit(request(prompt_of(tokenizer, "print("), 15, SamplingParams(1.0, seed=5),
+                                     torch.randn(1, 17, 64))))
+    try:
+        with Forwards(model) as forwards:
+            s.start()
+            for r in requests:
+                r.on_event.wait()
+    finally:
+        s.close()
+    assert forwards.prefills == [("prefill", 6, max(r.prompt_positions for r in requests))]
+    assert s.stats()["prefills"] == 1
+    for r in requests:
+        solo = alone(model, tokenizer, r)
+        assert r.on_event.tokens == solo.tokens and r.on_event.end == solo.end
+
+
+def test_the_prefill_budget_batches_and_chunks(model, tokenizer):
+    """With a budget of 16 positions a step: between two decode steps of the running row at most
+    16 positions are prefilled (padding counted), a longer prompt with a clip is prefilled in
+    chunks that split its clip, a burst of short prompts in several forwards, and every request
+    gets exactly what it gets alone (where nothing is chunked)."""
+    s = Scheduler(model, tokenizer, max_batch=8, prefill_tokens=16).start()
+    try:
+        running = s.submit(request(prompt_of(tokenizer, "x"), max_tokens=100))
+        while not running.on_event.tokens:
+            time.sleep(0.001)
+        long = request(prompt_of(tokenizer, "for i in range(10):"), max_tokens=10, audio=torch.randn(1, 23, 64))
+        shorts = [request(prompt_of(tokenizer, t), max_tokens=10) for t in ("import os", "class A:", "def f(x):", "yield")]
+        with Forwards(model) as forwards:
+            for r in [long] + shorts:
+                s.submit(r)
+            for r in [long] + shorts:
+                r.on_event.wait()
+        running.on_event.wait()
+    finally:
+        s.close()
+    prefills = forwards.prefills
+    chunks = -(-long.prompt_positions // 16)
+    assert [positions for _, _, positions in prefills[:chunks]] == [16] * (chunks - 1) + [long.prompt_positions % 16 or 16]
+    assert len(prefills) > chunks + 1 and sum(rows for _, rows, _ in prefills[chunks:]) == len(shorts)
+    between = [0]  # prefill positions between two decode steps
+    for call in forwards.calls:
+        if call[0] == "decode":
+            between.append(0)
+        else:
+            between[-1] += call[1] * call[2]
+    assert max(between) <= 16
+    assert any(long.prefill_started_at < t < long.first_token_at for t in running.on_event.times)  # it kept decoding
+    for r in [running, long] + shorts:
+        solo = alone(model, tokenizer, r)
+        assert r.on_event.tokens == solo.tokens and r.on_event.end == solo.end
+
+
 def test_rows_join_at_the_next_step_and_leave_when_done(model, tokenizer):
     sizes = []
     hook = model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape))
