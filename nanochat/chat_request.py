@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from nanochat.audio_io import INPUT_FORMATS, SPEECH_FORMATS
 from nanochat.engine import SamplingParams
+from nanochat.tokenizer import reply_parts
 
 ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -237,6 +238,9 @@ def parse_chat(body, limits, vocab_size):
         raise RequestError("the last message must be the user's: the model replies to it", "messages")
     if system:
         turns.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    for turn in turns:  # a calculator call the server showed as <<expression=result>> is a tool call again
+        if turn["role"] == "assistant":
+            turn["content"] = reply_parts(turn["content"])
 
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop

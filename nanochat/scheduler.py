@@ -7,12 +7,13 @@
 Requests that arrive while others decode are prefilled together, in one forward over prompts of
 different lengths with their audio soft tokens in front (Engine.prefill_batch), take their first
 token at once and join the running batch (BatchKVCache.admit); one that stops, reaches its
-max_tokens or is cancelled (its client went away) leaves at once (BatchKVCache.evict). A step runs
-at most one prefill forward of at most `prefill_tokens` positions (padding included), so running
+max_tokens or is cancelled (its client went away) leaves at once (BatchKVCache.evict). Between two
+decode steps at most `prefill_tokens` positions are prefilled (padding included), so the running
 rows keep getting tokens while a burst of requests or a long prompt (prefilled in chunks over
-several steps, Engine.prefill_chunk) comes in. Every row decodes at its own position with its own sampling parameters and
-seeded generator (sample_rows), and the calculator tool runs per row (Engine.advance), so a request
-gets the tokens it would get alone, whatever else runs beside it (tested).
+several steps, Engine.prefill_chunk) comes in. Every row decodes at its own position with its own
+sampling parameters and seeded generator (sample_rows), and the calculator tool runs per row
+(Engine.advance), so a request gets the tokens it would get alone, whatever else runs beside it
+(tested).
 
 A request's events: ("token", id) for each new token (tool output included, the stop token not),
 then one of ("done", "stop" | "length" | "cancelled") or ("error", exception). The queue is bounded:
@@ -397,7 +398,8 @@ class Scheduler:
             if self._chunked is not None or budget <= 0:
                 break
             admitted = self._take_pending(wait=False, budget=budget)
-        self._active_rows = len(running) + (self._chunked is not None)  # before the done events: a client sees its row gone
+        self._active_rows = len(running) + (self._chunked is not None)  # before the done events (a client sees
+        # its row gone)
         now = time.perf_counter()
         self.counters["steps"] += 1
         self._recent.append((now, self.counters["completion_tokens"] - before, len(finished)))

