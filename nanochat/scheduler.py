@@ -35,16 +35,16 @@ from nanochat.common import logger
 from nanochat.engine import BatchKVCache, Engine, KVCache, Row, SamplingParams, sample_rows
 
 STATS_WINDOW_S = 10.0  # tokens/s and requests/s in stats() are averaged over this many seconds
-# Prefill positions per step (one forward, padding included). Measured on this 2-core CPU, d6,
-# 1 thread: a prefill costs ~10 ms + 0.37 ms a position (40: 25 ms, 500: 195 ms, 2000: 1.1 s) and
-# a decode step 13 / 22 / 33 ms at 1 / 4 / 16 rows; four prompts batched cost 74 ms against 104 ms
-# one by one. PREFILL_TOKENS_CPU bounds what a burst or a long prompt adds to the running rows'
-# next token, while four chat prompts of ~40 tokens still go in one forward (benchmarks/serve_bench.py
-# --prefill-tokens compares budgets end to end; README). Accelerators run a prefill of a few
-# thousand positions in about the time of a few hundred, so there the budget only needs to bound a
-# context-long prompt (not measured here; vLLM found 512 best for ITL/TTFT on an A100, vllm#4580).
+# Prefill positions between two decode steps (padding included). Measured on this 2-core CPU (d6,
+# vocab 8192, 1 thread, loaded; benchmarks/serve_bench.py --prefill-tokens 64 256 1024, 2 rounds):
+# when a 365-token prompt arrives while 4 streams decode, their longest wait for a token is 53 /
+# 104 / 228 ms, and the long prompt's first token comes after 189 / 132 / 151 ms (small chunks
+# each pay a forward's fixed cost and a decode step). 256 keeps a stall near 100 ms and still
+# prefills ten typical chat prompts (~20 tokens) in one forward. On accelerators (not measured
+# here) 512, the budget vLLM found best for inter-token latency and TTFT on an A100
+# (vllm-project/vllm#4580).
 PREFILL_TOKENS_CPU = 256
-PREFILL_TOKENS_ACCELERATOR = 2048
+PREFILL_TOKENS_ACCELERATOR = 512
 
 
 class ServerBusy(Exception):

@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=32, help="most requests decoding together per scheduler")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="most prompt positions prefilled per scheduler step, so running streams keep flowing "
-                        "(default: 256 on CPU, 2048 on GPUs; see nanochat/scheduler.py)")
+                        "(default: 256 on CPU, 512 on GPUs; see nanochat/scheduler.py)")
     p.add_argument("--max-queue", type=int, default=256, help="most requests waiting for a row; past it a 503")
     p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait for a row; then a 503")
     p.add_argument("--max-messages", type=int, default=d.max_messages, help="most messages in a request")

@@ -27,6 +27,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.test_chat_web import QUESTION, SlowDown, client, fetch, serving
+from tests.test_engine import tool_use  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -221,6 +222,35 @@ def test_replies_render_as_text_never_as_html(page):
     assert reply.find_element(By.CSS_SELECTOR, "pre code").text == "<script>window.pwned=2</script>"
     assert '<img src=x onerror="window.pwned=1">' in reply.text
     assert d.execute_script("return window.pwned") is None
+
+
+def test_a_calculator_call_shows_as_a_tool_block(page, tool_use, tokenizer):
+    """A model that calls the calculator, served and typed to: its reply shows the call as a block
+    (expression and result), never the raw special tokens; the same notation in a user's message,
+    in code or without a result stays text."""
+    model, _, _ = tool_use
+    d = page["driver"]
+    with serving(model, tokenizer, "calculator") as (url, _):
+        d.get(url + "/")
+        wait(d, lambda: "calculator" in d.find_element(By.ID, "model").text)
+        d.find_element(By.CSS_SELECTOR, "#settings summary").click()
+        d.find_element(By.ID, "temperature").clear()
+        d.find_element(By.ID, "temperature").send_keys("0")
+        d.find_element(By.CSS_SELECTOR, "#settings summary").click()
+        d.find_element(By.ID, "input").send_keys("12 times 7?", Keys.ENTER)
+        wait(d, lambda: reply_done(d))
+        reply = bubbles(d, "assistant")[-1]
+        blocks = reply.find_elements(By.CSS_SELECTOR, ".calc")
+        assert len(blocks) == 1 and "<|" not in reply.text and "<<" not in reply.text
+        assert blocks[0].find_element(By.TAG_NAME, "code").text == "12*7"
+        assert blocks[0].find_element(By.TAG_NAME, "strong").text == "84"
+        d.save_screenshot(str(page["shots"] / "calculator.png"))
+        shown = "So 12*7 = <<12*7=84>>84 eggs, `x << 1 = 2 >> 3` and <<1/0>>."
+        d.execute_script("state.messages = [{role: 'user', content: arguments[0]}, {role: 'assistant', content: "
+                         "arguments[0]}]; redraw();", shown)
+        assert not bubbles(d, "user")[0].find_elements(By.CSS_SELECTOR, ".calc")
+        assert len(bubbles(d, "assistant")[0].find_elements(By.CSS_SELECTOR, ".calc")) == 1
+        assert d.execute_script("return spoken(arguments[0])", shown) == "So 12*7 = 84 eggs, `x << 1 = 2 >> 3` and <<1/0>>."
 
 
 def test_speak_replies_plays_the_reply(page):
