@@ -475,8 +475,9 @@ class Engine:
         device = self.model.get_device()
         audio_len = 0 if clip is None else clip.size(1)
         audio = clip[:, start:stop].to(device) if start < audio_len else None
-        ids = torch.tensor(prompt[max(start - audio_len, 0):max(stop - audio_len, 0)], dtype=torch.long, device=device)
-        return self.model(ids[None], kv_cache=cache, audio_features=audio, last_only=True)[:, -1]
+        text = prompt[max(start - audio_len, 0):max(stop - audio_len, 0)]
+        ids = torch.tensor([text], dtype=torch.long, device=device).view(1, len(text))
+        return self.model(ids, kv_cache=cache, audio_features=audio, last_only=True)[:, -1]
 
     def advance(self, row, sampled):
         """The token a row takes this step: a pending tool-output token if there is one, else the

@@ -47,8 +47,9 @@ class Replica:
 
 
 class ReplyText:
-    """The reply as text deltas: whole characters only (StreamDecoder), cut before the first stop
-    string; text that could be the start of a stop string is held back until it cannot be."""
+    """The reply as text deltas: whole characters only, calculator calls as <<expression=result>>,
+    no special tokens (StreamDecoder), cut before the first stop string; text that could be the
+    start of a stop string is held back until it cannot be."""
 
     def __init__(self, tokenizer, stop=()):
         self.decoder, self.stop = StreamDecoder(tokenizer), list(stop)

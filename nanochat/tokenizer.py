@@ -374,9 +374,9 @@ def _no_panic(method, *args, **kwargs):
 
 
 # A calculator call as reply text: GSM8K's own notation for a calculator annotation, <<48/2=24>>
-# (the form the chat data's tool calls are converted from), so a reader knows it and a reply sent
-# back in a later turn turns into the same tool tokens again (reply_parts). The result is what
-# engine.use_calculator prints: an int, or a float in %.10g.
+# (upstream nanochat makes its calculator training calls from these annotations), so a reader
+# knows it and a reply sent back in a later turn turns into the same tool tokens again
+# (reply_parts). The result is what engine.use_calculator prints: an int, or a float in %.10g.
 CALL_OPEN, CALL_RESULT, CALL_CLOSE = "<<", "=", ">>"
 _CALL = regex.compile(r"<<([^<>\n]+?)=(-?[0-9]+(?:\.[0-9]+)?(?:e[+-][0-9]+)?)>>")
 
