@@ -357,8 +357,15 @@ class GPT(nn.Module):
             return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1, reduction="none")
         # The common case (a scalar loss, or per-token losses without gradients) never holds the
         # whole (B*T, vocab) logits: see SoftcappedCrossEntropy.
-        losses = SoftcappedCrossEntropy.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                              self.config.vocab_size, loss_reduction, torch.is_grad_enabled())
+        rows, flat_targets = x.reshape(B * T, -1), targets.reshape(-1)
+        if loss_reduction != "none":
+            # Only graded positions need logits. Conversations grade the reply alone: in audio
+            # training batches 61% of the text positions are the prompt or padding, and skipping
+            # them took a d4 stage-2 step from 650 to 560 ms of CPU (vocab 8192, batch 16, 1 thread).
+            graded = flat_targets >= 0
+            rows, flat_targets = rows[graded], flat_targets[graded]
+        losses = SoftcappedCrossEntropy.apply(rows, self.lm_head.weight, flat_targets, self.config.vocab_size,
+                                              loss_reduction, torch.is_grad_enabled())
         return losses.view(B, T) if loss_reduction == "none" else losses
 
     def _smear(self, x, kv_cache, text_lengths=None):

@@ -9,12 +9,14 @@ its batch-mates; within windows of BUCKET_WINDOW batches the items are sorted by
 being cut into batches (then the batches are shuffled), so little compute goes to padding.
 """
 
+import hashlib
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from nanochat.augment import ORDER, clip_variants
 from nanochat.common import print0
 from nanochat.feature_cache import encode_with_cache
 from nanochat.training import StepOutput
@@ -53,6 +55,32 @@ def build_items(tasks, text_mix=0.0, typed=None):
     return items
 
 
+@dataclass
+class WaveformAugment:
+    """Which waveform a training draw of a clip hears: the clean clip or one of its `variants`
+    augmented variants (augment.clip_variants of the clip id with this seed, augmentations `names`,
+    each applied with probability p), uniformly, chosen by (seed, step, clip). A clip's variants are
+    a fixed list, so the feature cache holds at most variants + 1 entries per clip; a variant is
+    encoded the first time it is drawn. The choice depends only on the step, so a resumed run
+    hears what the run that never stopped heard."""
+    variants: int = 0
+    names: tuple = ORDER
+    p: float = 0.5
+    seed: int = 0
+
+    def choose(self, items, step):
+        """One augment.Variant (None: the clean clip or a typed item) per item, for this step."""
+        out = []
+        for item in items:
+            pick = 0
+            if self.variants and not item.typed:
+                digest = hashlib.sha256(f"{self.seed}|{step}|{item.clip_id}".encode()).hexdigest()
+                pick = int(digest[:8], 16) % (self.variants + 1)
+            out.append(clip_variants(item.clip_id, self.variants, self.seed, self.names, self.p)[pick - 1]
+                       if pick else None)
+        return out
+
+
 def epoch_batches(durations, global_batch, seed, epoch):
     """One epoch's global batches (lists of global_batch item indices): a seeded shuffle, cut to a
     multiple of global_batch, sorted by duration within windows, cut, shuffled again. They depend
@@ -80,12 +108,15 @@ def batch_stream(durations, batch_size, rank, world_size, seed, state=None):
         epoch, start = epoch + 1, 0
 
 
-def make_examples(model, tokenizer, cache, items, max_tokens):
-    """Items -> (ids, mask, cached frames or None) examples for collate()."""
+def make_examples(model, tokenizer, cache, items, max_tokens, variants=None):
+    """Items -> (ids, mask, cached frames or None) examples for collate(); variants: one
+    augment.Variant (None: the clean clip) per item, as WaveformAugment.choose gives."""
     convs = [item.conversation() for item in items]
+    variants = [None] * len(items) if variants is None else variants
     with_audio = [i for i, c in enumerate(convs) if "audio" in c]
     frames = [None] * len(convs)
-    for i, f in zip(with_audio, encode_with_cache(model.encoder, [convs[i]["audio"] for i in with_audio], cache)):
+    for i, f in zip(with_audio, encode_with_cache(model.encoder, [convs[i]["audio"] for i in with_audio], cache,
+                                                  variants=[variants[i] for i in with_audio])):
         frames[i] = f
     return [(*tokenizer.render_conversation(conv, max_tokens), f) for conv, f in zip(convs, frames)]
 
@@ -147,16 +178,23 @@ def prepare_cache(model, cache, items, rank, world_size, max_gb=None):
         print0(f"feature cache pruned: {deleted:,} entries ({freed / 1e9:.2f} GB) deleted, {left / 1e9:.2f} GB left")
 
 
-def speech_step(model, tokenizer, cache, items, stream, max_tokens, device, world_size=1):
+def speech_step(model, tokenizer, cache, items, stream, max_tokens, device, world_size=1, waveform=None, seed=0,
+                rank=0):
     """A step function for nanochat.training.train: the next batch of `stream` (batch_stream over
-    `items`), its frames from the cache, one forward and backward of the reply loss: the mean over
-    every rank's graded tokens, as one process with the whole global batch would take it (ranks
-    grade different numbers of tokens; the optimizer averages their gradients)."""
+    `items`), its frames from the cache (each clip clean or the WaveformAugment variant it draws),
+    one forward and backward of the reply loss: the mean over every rank's graded tokens, as one
+    process with the whole global batch would take it (ranks grade different numbers of tokens; the
+    optimizer averages their gradients)."""
+    waveform = waveform or WaveformAugment()
 
     def step_fn(step):
         batch, state = next(stream)
-        examples = make_examples(model, tokenizer, cache, [items[i] for i in batch], max_tokens)
+        batch_items = [items[i] for i in batch]
+        examples = make_examples(model, tokenizer, cache, batch_items, max_tokens, waveform.choose(batch_items, step))
         idx, targets, frames, lengths = collate(examples, device)
+        # The model's random regularisers (SpeechLM.regularisers) draw from the global generator:
+        # seeded per step and rank, so a resumed run draws the same masks as one that never stopped.
+        torch.manual_seed(seed * 1_000_003 + step * 1009 + rank)
         loss_sum = model(idx, targets, frames, lengths, loss_reduction="sum")
         totals = torch.stack([loss_sum.detach().float(), (targets >= 0).sum().float()])
         if world_size > 1:

@@ -14,6 +14,7 @@ cache_key is checked against the weights found when loading) and the checkpoint 
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -58,21 +59,28 @@ def spec_augment(frames, lengths, time_masks=0, time_frac=0.05, channel_masks=0,
     return frames * keep.to(frames.dtype)
 
 
+@dataclass
+class Regularisers:
+    """SpeechLM's regularisers of the audio path, active only in training mode (all off by default):
+    SpecAugment-style masks on the encoder frames (`time_masks` spans of up to `time_frac` of a
+    clip, `channel_masks` spans of up to `channel_width` channels; see spec_augment) and dropout
+    with probability `token_dropout` on the soft tokens."""
+    time_masks: int = 0
+    time_frac: float = 0.05
+    channel_masks: int = 0
+    channel_width: int = 0
+    token_dropout: float = 0.0
+
+
 class SpeechLM(nn.Module):
-    """GPT + AudioPath (frozen Whisper encoder, optional learnable layer weights, projector).
+    """GPT + AudioPath (frozen Whisper encoder, optional learnable layer weights, projector), with
+    optional training-time Regularisers."""
 
-    Regularisers, active only in training mode and off by default: SpecAugment-style masks on
-    the encoder frames (`time_masks` spans of up to `time_frac` of a clip, `channel_masks` spans
-    of up to `channel_width` channels; see spec_augment) and dropout with probability
-    `token_dropout` on the soft tokens."""
-
-    def __init__(self, gpt, audio, time_masks=0, time_frac=0.05, channel_masks=0, channel_width=0, token_dropout=0.0):
+    def __init__(self, gpt, audio, regularisers=None):
         super().__init__()
         self.gpt = gpt
         self.audio = audio
-        self.time_masks, self.time_frac = time_masks, time_frac
-        self.channel_masks, self.channel_width = channel_masks, channel_width
-        self.token_dropout = token_dropout
+        self.regularisers = regularisers or Regularisers()
 
     @property
     def encoder(self):
@@ -106,11 +114,12 @@ class SpeechLM(nn.Module):
     def soft_tokens(self, frames, lengths):
         """Cached encoder frames (B, T, ...) right-padded with zeros, valid frames (B,) ->
         (soft tokens (B, T_a, n_embd) left-padded, valid tokens (B,))."""
-        if self.training and (self.time_masks or self.channel_masks):
-            frames = spec_augment(frames, lengths, self.time_masks, self.time_frac, self.channel_masks, self.channel_width)
+        r = self.regularisers
+        if self.training and (r.time_masks or r.channel_masks):
+            frames = spec_augment(frames, lengths, r.time_masks, r.time_frac, r.channel_masks, r.channel_width)
         hidden = self.encoder.mix(frames.to(compute_dtype()))
         tokens, lengths = self.projector(hidden, lengths)
-        tokens = F.dropout(tokens, self.token_dropout, self.training)
+        tokens = F.dropout(tokens, r.token_dropout, self.training)
         return left_align(tokens, lengths), lengths
 
     def forward(self, idx, targets=None, frames=None, frame_lengths=None, loss_reduction="mean"):

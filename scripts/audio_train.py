@@ -21,13 +21,15 @@ import torch
 import torch.distributed as dist
 
 from nanochat.audio import AudioPath
+from nanochat.augment import ORDER
 from nanochat.checkpoint import build_model, checkpoint_dir_for
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, run_cli, setup_logging
 from nanochat.feature_cache import FeatureCache
-from nanochat.speech_batches import batch_stream, build_items, prepare_cache, speech_step
+from nanochat.speech_batches import WaveformAugment, batch_stream, build_items, prepare_cache, speech_step
 from nanochat.speech_data import default_data_dir
 from nanochat.speech_eval import held_out_scores
-from nanochat.speech_lm import SpeechLM, audio_checkpoint_dir, encoder_meta, load_speech_lm, speech_lm_from_state
+from nanochat.speech_lm import (Regularisers, SpeechLM, audio_checkpoint_dir, encoder_meta, load_speech_lm,
+                                speech_lm_from_state)
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import Run, Schedule, Start, add_training_args, resume, train as train_loop
 from nanochat.whisper_weights import whisper_id
@@ -61,6 +63,18 @@ def parse_args(argv=None):
     p.add_argument("--cache-max-gb", type=float, default=None,
                    help="after the warm-up, delete least recently used feature-cache entries beyond this size "
                         "(never this run's)")
+    # augmentation and regularisation (training only)
+    p.add_argument("--variants", type=int, default=0,
+                   help="augmented waveform variants per clip (nanochat.augment; each encoded once into the "
+                        "feature cache): a draw hears the clean clip or one of them, uniformly (0: clean only)")
+    p.add_argument("--augment", nargs="+", default=list(ORDER), choices=list(ORDER),
+                   help="augmentations a variant draws from")
+    p.add_argument("--augment-p", type=float, default=0.5, help="probability of each augmentation in a variant")
+    p.add_argument("--time-masks", type=int, default=0, help="SpecAugment time masks per clip on the encoder frames")
+    p.add_argument("--time-frac", type=float, default=0.05, help="longest time mask, as a fraction of the clip")
+    p.add_argument("--channel-masks", type=int, default=0, help="SpecAugment channel masks per clip")
+    p.add_argument("--channel-width", type=int, default=0, help="widest channel mask (encoder channels)")
+    p.add_argument("--token-dropout", type=float, default=0.0, help="dropout probability on the soft tokens")
     # optimisation
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW LR of the projector (and layer weights)")
     p.add_argument("--gpt-lr-scale", type=float, default=0.1, help="stage 2: GPT LRs = base_train's defaults x this")
@@ -130,6 +144,9 @@ def train(args):
         raise ValueError(f"{out_dir} holds a stage {start.meta['stage']} run; "
                          f"resume it with --stage {start.meta['stage']}")
     model, meta = start_model(args, start, device, rank, world_size)
+    model.regularisers = Regularisers(args.time_masks, args.time_frac, args.channel_masks, args.channel_width,
+                                      args.token_dropout)
+    waveform = WaveformAugment(args.variants, tuple(args.augment), args.augment_p, args.seed)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != model.gpt.config.vocab_size:
         raise ValueError(f"the tokenizer in {get_base_dir()} has {tokenizer.get_vocab_size()} tokens but the GPT "
@@ -155,8 +172,9 @@ def train(args):
               world_size, args.eval_every, save_every=args.save_every, stop_at_step=args.stop_at_step,
               wandb_name=args.run, report_stage="audio" if args.stage == 2 else "audio_s1")
     schedule = Schedule(num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-    summary = {"stage": args.stage, **train_loop(model, optimizer, schedule, speech_step(
-        model, tokenizer, cache, items, stream, max_tokens, device, world_size), run, start, evaluate)}
+    step_fn = speech_step(model, tokenizer, cache, items, stream, max_tokens, device, world_size, waveform, args.seed,
+                          rank)
+    summary = {"stage": args.stage, **train_loop(model, optimizer, schedule, step_fn, run, start, evaluate)}
     print0(json.dumps(summary))
     compute_cleanup()
     return model, summary

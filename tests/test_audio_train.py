@@ -21,7 +21,9 @@ from nanochat import speech_data as sd
 from nanochat.checkpoint import load_checkpoint, save_checkpoint
 from nanochat.feature_cache import FeatureCache
 from nanochat.gpt import GPTConfig
-from nanochat.speech_batches import batch_stream, build_items, collate, epoch_batches, make_examples
+from nanochat.augment import clip_variants
+from nanochat.speech_batches import (Item, WaveformAugment, batch_stream, build_items, collate, epoch_batches,
+                                     make_examples)
 from nanochat.speech_lm import audio_checkpoint_dir, left_align, load_speech_lm, save_speech_lm
 from tasks.spoken import TASKS, SpokenTranscription
 from tests.helpers import build_model
@@ -155,6 +157,19 @@ def test_epoch_batches_are_disjoint_across_ranks_and_resume_exactly():
 
 # ---------------------------------------------------------------------------
 # Training
+
+
+def test_waveform_augment_draws_the_clean_clip_or_one_of_its_fixed_variants(world):
+    task = TASKS["transcribe"](None, "train")
+    items = build_items([task]) + [Item(task, 0, typed=True)]
+    augment = WaveformAugment(variants=2, seed=5)
+    draws = [augment.choose(items, step) for step in range(60)]
+    assert draws == [augment.choose(items, step) for step in range(60)]  # a function of the step alone
+    for i, item in enumerate(items):
+        seen = {draw[i] for draw in draws}
+        # Each of the 3 choices turns up in 60 draws (missing one: p < 3 (2/3)^60 ~ 1e-10).
+        assert seen == ({None} if item.typed else {None, *clip_variants(item.clip_id, 2, seed=5)})
+    assert WaveformAugment().choose(items, 0) == [None] * len(items)
 
 
 def test_stage1_trains_only_the_projector_and_overfits(world, tokenizer):
@@ -291,12 +306,25 @@ def test_cached_frames_match_the_raw_audio_path(world):
     torch.testing.assert_close(raw, cached, rtol=2e-2, atol=2e-3)  # fp16 storage of the frames
 
 
-def test_stage2_resume_continues_identically(world):
+AUGMENTED = ["--variants", "2", "--time-masks", "2", "--time-frac", "0.2", "--channel-masks", "1",
+             "--channel-width", "32", "--token-dropout", "0.1"]
+
+
+@pytest.mark.parametrize("augmentation", [[], AUGMENTED], ids=["plain", "augmented"])
+def test_stage2_resume_continues_identically(world, augmentation):
+    """Waveform variants, SpecAugment masks and dropout are drawn per step: a resumed run too."""
     common = ["--stage", "2", "--init-from", "s1", "--text-mix", "0.5", "--batch-size", "4",
-              "--num-iterations", "8", "--warmup-steps", "2"]
-    straight, _ = run_train(*common, "--tag", "straight")
-    run_train(*common, "--tag", "resumed", "--save-every", "3", "--stop-at-step", "3")
-    resumed, _ = run_train(*common, "--tag", "resumed", "--resume")
+              "--num-iterations", "8", "--warmup-steps", "2", *augmentation]
+    prefix = "aug" if augmentation else ""
+    cached = lambda: {os.path.basename(path)[:-4] for _, _, path in FeatureCache().entries()}  # noqa: E731
+    before = cached()
+    straight, _ = run_train(*common, "--tag", prefix + "straight")
+    # Augmented variants are encoded into the cache as they are drawn: at most 2 per training clip.
+    clips = {item.clip_id: item.conversation()["audio"] for item in tiny_items(tasks=TASKS)}
+    variants = cached() - before - {_key(clip, straight)[0] for clip in clips.values()}
+    assert 0 < len(variants) <= 2 * len(clips) if augmentation else not variants
+    run_train(*common, "--tag", prefix + "resumed", "--save-every", "3", "--stop-at-step", "3")
+    resumed, _ = run_train(*common, "--tag", prefix + "resumed", "--resume")
     for (name, a), b in zip(straight.state_dicts()["gpt"].items(), resumed.state_dicts()["gpt"].values()):
         assert torch.equal(a, b), name
     for (name, a), b in zip(straight.projector.state_dict().items(), resumed.projector.state_dict().values()):
@@ -304,7 +332,7 @@ def test_stage2_resume_continues_identically(world):
     s1_state, _, _ = load_checkpoint(audio_checkpoint_dir("s1"))
     moved = [n for n, t in s1_state["gpt"].items() if not torch.equal(t, straight.gpt.state_dict()[n])]
     assert moved  # stage 2 tunes the GPT
-    _, _, meta = load_checkpoint(audio_checkpoint_dir("resumed"))
+    _, _, meta = load_checkpoint(audio_checkpoint_dir(prefix + "resumed"))
     assert meta["origin"]["init_from"] == "s1" and meta["step"] == 8
 
 

