@@ -124,10 +124,12 @@ class WhisperEncoder(nn.Module):
     as in transformers' hidden_states) concatenated on the feature axis, or "weighted" (a learnable
     softmax-weighted sum of all of them). pad: "longest" or "30s" (see the module docstring).
     model_id: an HF id or local directory (see resolve_weights). max_seconds: the longest clip
-    preprocess() accepts (AudioPath lowers it to what the GPT's context holds). The encoder runs in
-    its checkpoint dtype (fp32); .to() changes it."""
+    preprocess() accepts (AudioPath lowers it to what the GPT's context holds). dtype: what the frozen
+    encoder computes in (default its checkpoint's, fp32); .to() changes it too, and cache_key names
+    it. In bf16 a whisper-base clip took 23 ms of CPU against 74 ms in fp32 on a CPU with AMX
+    (1 thread, batches of 16 clips of 2.3 s)."""
 
-    def __init__(self, model_id=None, layers="last", pad="longest", max_seconds=600.0):
+    def __init__(self, model_id=None, layers="last", pad="longest", max_seconds=600.0, dtype=None):
         super().__init__()
         from transformers import WhisperFeatureExtractor, WhisperModel
         if pad not in ("longest", "30s"):
@@ -135,6 +137,8 @@ class WhisperEncoder(nn.Module):
         self.weights_dir, source = resolve_weights(model_id)
         logger.info("Whisper encoder weights: %s (%s)", source, self.weights_dir)
         self.encoder = WhisperModel.from_pretrained(self.weights_dir).encoder
+        if dtype is not None:
+            self.encoder.to(dtype)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
         self.feature_extractor = WhisperFeatureExtractor.from_pretrained(self.weights_dir)
@@ -187,9 +191,21 @@ class WhisperEncoder(nn.Module):
         cache encode()'s output (all hidden states, keyed by cache_key) and apply mix() after loading."""
         return self.layers != "weighted"
 
-    @cached_property
+    @property
+    def dtype(self):
+        """The dtype the frozen encoder computes in."""
+        return self.encoder.conv1.weight.dtype
+
+    @property
     def cache_key(self):
-        """A short id of everything that determines encode()'s output: weights, layers, framing."""
+        """A short id of everything that determines encode()'s output: weights, layers, framing and,
+        unless it is fp32, the dtype the encoder computes in (e.g. "-bfloat16")."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return self._weights_key + ("" if dtype == "float32" else f"-{dtype}")
+
+    @cached_property
+    def _weights_key(self):
+        """cache_key's weights, layers and framing (the weight files are hashed once)."""
         digest = hashlib.sha256()
         for path in sorted(self.weights_dir.iterdir()):
             if path.suffix in (".safetensors", ".bin") or path.name in ("config.json", "preprocessor_config.json"):

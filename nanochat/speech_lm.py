@@ -157,17 +157,20 @@ class SpeechLM(nn.Module):
 
 def encoder_meta(model, model_id):
     """What rebuilds the audio path: the Whisper id as asked for, where its weights were found, their
-    cache_key (weights + layers + framing checksum), layers, pad and the projector's stack."""
+    cache_key (weights + layers + framing + dtype checksum), layers, pad, the encoder's dtype and the
+    projector's stack."""
     enc = model.encoder
     return {"model_id": model_id, "weights_dir": str(enc.weights_dir), "cache_key": enc.cache_key,
-            "layers": enc.layers, "pad": enc.pad, "stack": model.projector.stack, "out_dim": enc.out_dim}
+            "layers": enc.layers, "pad": enc.pad, "dtype": str(enc.dtype).removeprefix("torch."),
+            "stack": model.projector.stack, "out_dim": enc.out_dim}
 
 
 def build_audio_path(config, encoder):
-    """An AudioPath for a GPT of this config from encoder_meta(); refuses Whisper weights other than
-    the ones trained with, and clips longer than the GPT's context holds."""
+    """An AudioPath for a GPT of this config from encoder_meta(), its encoder in the dtype it was
+    trained with (fp32 for checkpoints that do not say); refuses Whisper weights other than the ones
+    trained with, and clips longer than the GPT's context holds."""
     audio = AudioPath(config.n_embd, encoder["stack"], context=config.sequence_len, model_id=encoder["model_id"],
-                      layers=encoder["layers"], pad=encoder["pad"])
+                      layers=encoder["layers"], pad=encoder["pad"], dtype=getattr(torch, encoder.get("dtype", "float32")))
     if audio.encoder.cache_key != encoder["cache_key"]:
         raise ValueError(f"the Whisper weights found ({audio.encoder.weights_dir}, {audio.encoder.cache_key}) are not "
                          f"the ones this checkpoint was trained with ({encoder['weights_dir']}, {encoder['cache_key']}); "

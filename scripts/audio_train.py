@@ -23,7 +23,7 @@ import torch.distributed as dist
 from nanochat.audio import AudioPath
 from nanochat.augment import ORDER
 from nanochat.checkpoint import build_model, checkpoint_dir_for
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, run_cli, setup_logging
+from nanochat.common import compute_cleanup, compute_dtype, compute_init, get_base_dir, print0, run_cli, setup_logging
 from nanochat.feature_cache import FeatureCache
 from nanochat.speech_batches import WaveformAugment, batch_stream, build_items, prepare_cache, speech_step
 from nanochat.speech_data import default_data_dir
@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--pad", default="longest", choices=("longest", "30s"),
                    help="encoder framing: trim a batch to its longest clip, or Whisper's own 30 s windows")
     p.add_argument("--stack", type=int, default=4, help="encoder frames (50 Hz) per soft token")
+    p.add_argument("--encoder-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="what the frozen Whisper encoder computes in (default: the compute dtype, NANOCHAT_DTYPE)")
     # data
     p.add_argument("--data-dir", default=None, help="speech shards (default base_dir/speech)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="spoken tasks to train on")
@@ -102,8 +104,9 @@ def start_model(args, start, device, rank, world_size):
         checkpoint_dir = checkpoint_dir_for(args.source, args.model_tag)
         gpt, meta = build_model(checkpoint_dir, args.model_step, device, phase="train")
         layers = args.layers if args.layers in ("last", "weighted") else [int(i) for i in args.layers.split(",")]
+        dtype = getattr(torch, args.encoder_dtype) if args.encoder_dtype else compute_dtype()
         audio = AudioPath(gpt.config.n_embd, args.stack, context=gpt.config.sequence_len,
-                          model_id=whisper_id(args.whisper), layers=layers, pad=args.pad)
+                          model_id=whisper_id(args.whisper), layers=layers, pad=args.pad, dtype=dtype)
         model = SpeechLM(gpt, audio.to(device))
         origin = {"source": args.source, "checkpoint_dir": checkpoint_dir, "step": meta["step"]}
         encoder = encoder_meta(model, whisper_id(args.whisper))

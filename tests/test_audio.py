@@ -327,6 +327,18 @@ def test_cache_key(tiny_dir, enc, enc30):
     assert len(keys) == 4 and all(len(k) < 80 for k in keys)
 
 
+def test_encoder_dtype_is_part_of_the_cache_key(speech, tiny_dir, enc):
+    half = WhisperEncoder(tiny_dir, dtype=torch.bfloat16)
+    assert enc.dtype == torch.float32 and half.dtype == torch.bfloat16
+    assert half.cache_key == enc.cache_key + "-bfloat16"  # fp32 keys stay as they were
+    features, lengths = enc.preprocess(*speech)
+    exact, _ = enc(features, lengths)
+    rounded, rounded_lengths = half(features, lengths)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded_lengths, lengths // 2)
+    assert cosine(rounded.float().flatten(), exact.flatten()) > 0.99  # bf16 rounding, not other frames
+    assert WhisperEncoder(tiny_dir).to(torch.float64).cache_key == enc.cache_key + "-float64"
+
+
 def test_zero_init_projector_gives_zero_audio_rows(speech, tiny_dir):
     path = AudioPath(64, stack=4, model_id=tiny_dir)
     samples, rate = speech

@@ -336,6 +336,18 @@ def test_stage2_resume_continues_identically(world, augmentation):
     assert meta["origin"]["init_from"] == "s1" and meta["step"] == 8
 
 
+def test_a_bf16_encoder_is_kept_by_its_checkpoint(world):
+    model, _ = run_train("--stage", "1", "--tag", "bf16enc", "--encoder-dtype", "bfloat16", "--tasks", "transcribe",
+                         "--batch-size", "3", "--num-iterations", "2")
+    assert model.encoder.dtype == torch.bfloat16 and model.encoder.cache_key.endswith("-bfloat16")
+    again, meta = load_speech_lm(audio_checkpoint_dir("bf16enc"))
+    assert meta["encoder"]["dtype"] == "bfloat16" and again.encoder.cache_key == model.encoder.cache_key
+    clip = tiny_items()[0].conversation()["audio"]
+    frames = FeatureCache().get(*_key(clip, again))  # training cached the bf16 encoder's frames
+    cached, _ = again.soft_tokens(frames[None], torch.tensor([frames.size(0)]))
+    torch.testing.assert_close(again.embed_audio(clip, sampling_rate=16000), cached, rtol=2e-2, atol=2e-3)
+
+
 def test_weighted_layers_are_trained_and_evaluated(world):
     model, summary = run_train("--stage", "1", "--tag", "weighted", "--layers", "weighted", "--tasks", "transcribe",
                                "--batch-size", "3", "--num-iterations", "4", "--lr", "1e-2", "--eval-every", "2")
