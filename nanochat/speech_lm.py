@@ -169,8 +169,9 @@ def build_audio_path(config, encoder):
     """An AudioPath for a GPT of this config from encoder_meta(), its encoder in the dtype it was
     trained with (fp32 for checkpoints that do not say); refuses Whisper weights other than the ones
     trained with, and clips longer than the GPT's context holds."""
+    dtype = getattr(torch, encoder.get("dtype", "float32"))
     audio = AudioPath(config.n_embd, encoder["stack"], context=config.sequence_len, model_id=encoder["model_id"],
-                      layers=encoder["layers"], pad=encoder["pad"], dtype=getattr(torch, encoder.get("dtype", "float32")))
+                      layers=encoder["layers"], pad=encoder["pad"], dtype=dtype)
     if audio.encoder.cache_key != encoder["cache_key"]:
         raise ValueError(f"the Whisper weights found ({audio.encoder.weights_dir}, {audio.encoder.cache_key}) are not "
                          f"the ones this checkpoint was trained with ({encoder['weights_dir']}, {encoder['cache_key']}); "
