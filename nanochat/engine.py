@@ -406,7 +406,7 @@ class Engine:
         that does not fit is a ValueError, raised before any work, as are bad parameters."""
         prompts, audio = self._prompts_and_audio(tokens, audio_features)
         check_request(num_samples, max_tokens, temperature, top_k, top_p, seed)
-        model, device = self.model, self.model.get_device()
+        model = self.model
         lengths = [len(p) + (0 if a is None else a.size(1)) for p, a in zip(prompts, audio)]
         max_tokens = context_budget(model.config.sequence_len, max(lengths), max_tokens)
 
@@ -416,8 +416,16 @@ class Engine:
             single, logits = self.prefill(prompt, clip)
             cache.insert(range(i * num_samples, (i + 1) * num_samples), single)
             first_logits.append(logits.expand(num_samples, -1))
-        logits = torch.cat(first_logits)
+        yield from self.decode(cache, torch.cat(first_logits), max_tokens, temperature, top_k, top_p, seed)
 
+    @torch.inference_mode()
+    def decode(self, cache, logits, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """The decode loop of generate(), from a prefilled `cache` whose rows match the rows of
+        `logits` (B, V), each row's first new token's. Every token yielded but a row's last (its stop
+        token, or its max_tokens-th) is forwarded into the cache, so a batch-1 cache ends holding
+        the prompt and all the reply but that last token (nanochat.conversation builds on this).
+        The caller checks that max_tokens fits in the cache."""
+        device = self.model.get_device()
         generator = torch.Generator(device=device).manual_seed(seed)
         rows = [Row() for _ in range(logits.size(0))]
         running = list(range(len(rows)))  # the rows in the cache and in logits, in that order
@@ -434,7 +442,7 @@ class Engine:
                 cache.keep(still)
                 running = [running[i] for i in still]
             ids = torch.tensor([column[r] for r in running], dtype=torch.long, device=device)[:, None]
-            logits = model(ids, kv_cache=cache)[:, -1]
+            logits = self.model(ids, kv_cache=cache)[:, -1]
 
     @torch.inference_mode()
     def prefill(self, prompt, clip=None):
