@@ -71,8 +71,9 @@ class Chat:
         """Stream the reply to `text` to `out`; Ctrl-C stops it and keeps what was said."""
         dropped = self.conversation.add_user(text)
         if dropped:
-            print(f"(context full: dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''} to make room "
-                  f"for this message and a {self.conversation.max_tokens}-token reply)", file=sys.stderr)
+            oldest = "the oldest exchange" if dropped == 1 else f"the {dropped} oldest exchanges"
+            print(f"(context full: dropped {oldest} to make room for this message and a "
+                  f"{self.conversation.max_tokens}-token reply)", file=sys.stderr)
         self.turn += 1
         decoder, args = StreamDecoder(self.conversation.engine.tokenizer), self.args
         reply = self.conversation.reply(args.temperature, args.top_k, seed=args.seed + self.turn)
