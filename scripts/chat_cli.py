@@ -24,7 +24,7 @@ except ImportError:
 
 from nanochat.common import compute_init, run_cli
 from nanochat.conversation import Conversation
-from nanochat.engine import Engine
+from nanochat.engine import Engine, check_sampling
 from nanochat.speech_lm import CHAT_SOURCES, load_chat_model
 from nanochat.tokenizer import StreamDecoder
 
@@ -122,6 +122,7 @@ def repl(chat):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_sampling(args.temperature, args.top_k)  # before loading anything
     _, _, _, _, device = compute_init(args.device_type)
     speech_lm, gpt, tokenizer, _ = load_chat_model(args.source, args.tag, args.step, device)
     chat = Chat(speech_lm, Engine(gpt, tokenizer), args)

@@ -88,6 +88,10 @@ def test_text_errors(text_world, capsys, monkeypatch):
     assert "no rl checkpoint" in capsys.readouterr().err
     assert run_cli(main, ["--source", "sft", "-p", "word " * 200, "--device-type", "cpu"]) == 1
     assert "request too long" in capsys.readouterr().err
+    assert run_cli(main, ["--source", "sft", "--temperature", "-1", "--device-type", "cpu"]) == 1
+    assert "temperature must be a finite number >= 0" in capsys.readouterr().err
+    assert run_cli(main, ["--source", "sft", "--max-tokens", "0", "--device-type", "cpu"]) == 1
+    assert "max_tokens must be None" in capsys.readouterr().err
     proc = run_cli_process(env, "--source", "sft", stdin="/audio clip.wav\nhi\n")
     assert "error: --source sft is a text model" in proc.stdout and proc.returncode == 0
 
