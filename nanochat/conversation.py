@@ -55,7 +55,7 @@ class Conversation:
         attached before the first message. A conversation under way cannot take one."""
         if self.exchanges:
             raise ValueError("a clip can only open a conversation (the model hears it in front of the whole "
-                             "conversation, as it was trained): /clear, then attach the clip")
+                             "conversation, as it was trained): start a new one (/clear) to attach a clip")
         clip = self.engine._check_audio(clip, "the clip's soft tokens")
         context_budget(self.sequence_len, clip.size(1) + 1, self.max_tokens)  # clip + <|bos|> + a reply must fit
         self.clip, self.cache = clip, None

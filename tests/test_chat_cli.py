@@ -5,6 +5,7 @@ notice. Audio: a tiny audio checkpoint (conftest: trained for a few steps), a re
 one-shot command and the REPL in subprocesses, and clear errors for bad input."""
 
 import dataclasses
+import fcntl
 import os
 import pty
 import re
@@ -12,6 +13,7 @@ import select
 import shutil
 import subprocess
 import sys
+import termios
 import time
 
 import numpy as np
@@ -111,6 +113,7 @@ class Terminal:
     def __init__(self, argv, env):
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # Ctrl-C is SIGINT
                                      env={**os.environ, **env, "OMP_NUM_THREADS": "1", "TERM": "dumb"})
         os.close(slave)
         self.screen = ""
