@@ -6,6 +6,7 @@ one-shot command and the REPL in subprocesses, and clear errors for bad input.""
 
 import dataclasses
 import fcntl
+import io
 import os
 import pty
 import re
@@ -23,9 +24,10 @@ from nanochat.checkpoint import last_step, save_checkpoint
 from nanochat.common import run_cli
 from nanochat.speech_lm import audio_checkpoint_dir
 from nanochat.tokenizer import StreamDecoder
-from scripts.chat_cli import HELP, main
+from nanochat.engine import Engine
+from scripts.chat_cli import HELP, Chat, main, parse_args
 from tests.helpers import point_at
-from tests.test_conversation import chatty  # noqa: F401 (a fixture)
+from tests.test_conversation import chatty, fresh_reply, random_model  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +40,7 @@ def text_world(tmp_path_factory, tokenizer, chatty):  # noqa: F811
     save_checkpoint(str(root / "sft_checkpoints" / "chatty"), 1, {"gpt": model.state_dict()}, None,
                     {"step": 1, "model_config": dataclasses.asdict(model.config)})
     env = {"NANOCHAT_BASE_DIR": str(root)}
-    texts = []
-    for user, reply in exchanges:
-        decoder = StreamDecoder(tokenizer)
-        texts.append((user, "".join(decoder.add(t) for t in reply) + decoder.flush()))
-    return env, texts
+    return env, [(user, reply_text(tokenizer, reply)) for user, reply in exchanges]
 
 
 def test_one_shot_prints_the_reply_and_nothing_else(text_world):
@@ -81,6 +79,40 @@ def test_the_guard_drops_old_turns_with_a_notice(text_world):
     notice = "(context full: dropped the oldest exchange to make room for this message and a 60-token reply)"
     assert notice in proc.stderr and set(proc.stderr.splitlines()) == {notice}
     assert proc.stdout.count("\n> ") == 4  # a prompt before each message and before /quit
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_what_was_said(random_model, tokenizer):
+    """Ctrl-C lands inside the model's 6th forward (a prefill and 5 decode steps in): the reply is
+    the 5 tokens shown, and the next turn, prefilled from scratch (the cache may be half-written),
+    answers as a fresh render of that history does."""
+    engine = Engine(random_model, tokenizer)
+    chat = Chat(None, engine, parse_args(["--source", "sft", "--temperature", "0", "--max-tokens", "20"]))
+    calls, armed = [], [True]
+
+    def ctrl_c(module, args):
+        calls.append(args[0].size(1))
+        if len(calls) == 6 and armed:
+            armed.clear()
+            raise KeyboardInterrupt
+
+    hook = random_model.register_forward_pre_hook(ctrl_c)
+    try:
+        screen = io.StringIO()
+        chat.say("def main(argv):", out=screen)
+        said = chat.conversation.exchanges[-1].reply
+        assert len(said) == 5 and screen.getvalue() == reply_text(tokenizer, said) + " (stopped)\n"
+        expected = fresh_reply(engine, [("def main(argv):", said)], "import os", max_tokens=20, temperature=0)
+        calls.clear()
+        chat.say("import os", out=io.StringIO())
+        assert chat.conversation.exchanges[-1].reply == expected
+        assert calls[0] == len(chat.conversation.tokens) - len(expected) - 1  # the whole history, prefilled again
+    finally:
+        hook.remove()
+
+
+def reply_text(tokenizer, ids):
+    decoder = StreamDecoder(tokenizer)
+    return "".join(decoder.add(t) for t in ids) + decoder.flush()
 
 
 def test_text_errors(text_world, capsys, monkeypatch):
