@@ -101,14 +101,13 @@ class Conversation:
         if not self.exchanges or self.exchanges[-1].reply is not None:
             raise ValueError("no user message to reply to: call add_user() first")
         check_request(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        exchange, fresh = self.exchanges[-1], self.cache is None
-        cached = 0 if fresh else int(self.cache.lengths[0]) - self.audio_positions
-        pending = self.tokens[cached:]
+        exchange, tokens = self.exchanges[-1], self.tokens
         exchange.reply = []  # from here on the message has a reply, if only an empty one
         try:
-            if fresh:
+            if self.cache is None:
                 self.cache = KVCache(self.engine.model, 1, self.sequence_len)
-            logits = self.engine.extend(self.cache, pending, self.clip if fresh else None)
+            cached, end = int(self.cache.lengths[0]), self.audio_positions + len(tokens)
+            logits = self.engine.prefill_chunk(self.cache, tokens, self.clip, cached, end)
             for column, _ in self.engine.decode(self.cache, logits, self.max_tokens, temperature, top_k, top_p, seed):
                 if column[0] in self.engine.stop_tokens:
                     return

@@ -23,7 +23,7 @@ import pytest
 from nanochat.checkpoint import last_step, save_checkpoint
 from nanochat.common import run_cli
 from nanochat.speech_lm import audio_checkpoint_dir
-from nanochat.tokenizer import StreamDecoder
+from nanochat.tokenizer import reply_text
 from nanochat.engine import Engine
 from scripts.chat_cli import HELP, Chat, main, parse_args
 from tests.helpers import point_at
@@ -108,11 +108,6 @@ def test_ctrl_c_stops_a_reply_and_keeps_what_was_said(random_model, tokenizer):
         assert calls[0] == len(chat.conversation.tokens) - len(expected) - 1  # the whole history, prefilled again
     finally:
         hook.remove()
-
-
-def reply_text(tokenizer, ids):
-    decoder = StreamDecoder(tokenizer)
-    return "".join(decoder.add(t) for t in ids) + decoder.flush()
 
 
 def test_text_errors(text_world, capsys, monkeypatch):
