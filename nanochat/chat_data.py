@@ -185,3 +185,17 @@ def sft_data_loader(conversations, tokenizer, B, T, device="cpu", resume_state_d
         yield ids[:, :-1].contiguous().to(device), targets.to(device), packer.state_dict()
         if len(rows) < B:
             return
+
+
+def row_steps(conversations, tokenizer, capacity, rows_per_step):
+    """Optimizer steps of rows_per_step rows of `capacity` tokens that one epoch of `conversations`
+    fills: their tokens as fitted to a row (fit_conversation) over the tokens a step holds. Best
+    fit leaves ~2% of a row as padding with the default buffer (dev/LOG.md), so this runs short of
+    the packer's true epoch by about that much."""
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    tokens = 0
+    for conversation in conversations:
+        if conversation.get("messages"):
+            ids, mask = tokenizer.render_conversation(conversation, max_tokens=sys.maxsize)
+            tokens += len(fit_conversation(ids, mask, capacity, assistant_end)[0])
+    return max(1, round(tokens / (capacity * rows_per_step)))

@@ -58,6 +58,24 @@ def add_training_args(parser: argparse.ArgumentParser, warmup_steps, warmdown_ra
     p.add_argument("--stop-at-step", type=int, default=-1, help="exit after this step, as if killed (for resume tests)")
 
 
+LR_GROUPS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
+
+
+def inherited_lrs(meta):
+    """The per-group LRs (embedding_lr, unembedding_lr, matrix_lr, scalar_lr) a checkpoint was
+    trained at, for a later stage to start from: its own "learning_rates" when it records them (a
+    fine-tuned checkpoint), else base_train's flags times sqrt(its batch / 2^19), the scaling
+    base_train applied (its LRs are tuned at 2^19 tokens a step)."""
+    if "learning_rates" in meta:
+        return dict(meta["learning_rates"])
+    try:
+        config, batch = meta["user_config"], meta["total_batch_size"]
+        return {name: config[name] * math.sqrt(batch / 2 ** 19) for name in LR_GROUPS}
+    except KeyError as e:
+        raise ValueError(f"checkpoint meta has no {e} to inherit learning rates from: not a base_train "
+                         "checkpoint nor one that records its learning_rates") from None
+
+
 # ---------------------------------------------------------------------------
 # Schedules
 

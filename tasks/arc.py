@@ -2,13 +2,23 @@
 
     ARC("ARC-Easy")         # test split, 2,376 questions
     ARC("ARC-Challenge")    # test split, 1,172 questions (the ones retrieval and co-occurrence failed on)
+    arc_practice()          # validation splits of both, 869 questions: SFT's multiple-choice practice
+
+chat_eval scores the test splits; the validation splits are only ever trained on.
 """
 
 from nanochat.eval_data import arc_rows
 from tasks.common import MultipleChoiceTask
+
+ARC_SUBSETS = ("ARC-Easy", "ARC-Challenge")
 
 
 class ARC(MultipleChoiceTask):
     def __init__(self, subset, split="test", **slice_args):
         super().__init__(arc_rows(subset, split), **slice_args)
         self.subset = subset
+
+
+def arc_practice(**slice_args):
+    """ARC-Easy and ARC-Challenge's validation splits as one task (570 + 299 questions)."""
+    return MultipleChoiceTask([row for subset in ARC_SUBSETS for row in arc_rows(subset, "validation")], **slice_args)

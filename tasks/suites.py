@@ -1,17 +1,24 @@
 """The task lists the project evaluates and trains on, each in one place.
 
-- chat_eval_tasks(): the chat benchmarks scripts/chat_eval.py runs (ChatCORE's six first).
+- chat_eval_tasks(): the chat benchmarks scripts/chat_eval.py runs (ChatCORE's six first, then
+  the others; ChatCORE averages its six only, nanochat/chat_eval.py).
 - training_tasks(): every task the project trains on. tests/test_contamination.py checks each
   of them against every eval item (tasks/contamination.py), so a training task added here is
   covered by that test without touching it.
-Both map a name to a factory: building a task loads its data, and a training task whose data
+- sft_parts() / sft_val_tasks(): the chat fine-tuning mixture's parts (scripts/chat_sft.py mixes
+  them with TaskMixture) and held-out conversations of the same kinds for the validation loss.
+The first two map a name to a factory: building a task loads its data, and a training task whose data
 is not built yet (the spoken shards) raises FileNotFoundError naming the command that builds it.
 """
 
-from tasks.arc import ARC
+from tasks.arc import ARC, arc_practice
+from tasks.common import TaskMixture
+from tasks.arithmetic import Arithmetic
+from tasks.dialogue import Chatterbot, Chitchat
 from tasks.gsm8k import GSM8K
 from tasks.hellaswag import HellaSwag
 from tasks.humaneval import HumanEval
+from tasks.identity import Identity
 from tasks.mmlu import MMLU
 from tasks.spelling import SimpleSpelling, SpellingBee
 
@@ -27,6 +34,8 @@ def chat_eval_tasks():
         "SpellingBee": lambda: SpellingBee("test", size=1000),
         "SimpleSpelling": lambda: SimpleSpelling("test", size=1000),
         "HellaSwag": HellaSwag,
+        "Arithmetic": lambda: Arithmetic("test", size=500),
+        "Identity": lambda: Identity("test"),
     }
 
 
@@ -39,4 +48,41 @@ def training_tasks():
         "SpokenContinuation/train": lambda: SpokenContinuation(split="train"),
         "SpellingBee/train": lambda: SpellingBee("train", size=20000),
         "SimpleSpelling/train": lambda: SimpleSpelling("train", size=20000),
+        # scripts/chat_sft.py's mixture (sft_train_tasks), at its largest sizes
+        "Chitchat/train": lambda: Chitchat("train"),
+        "Chatterbot": Chatterbot,
+        "Arithmetic/train": lambda: Arithmetic("train", size=20000),
+        "ARC/validation": arc_practice,
+        "Identity/train": lambda: Identity("train", size=5000),
     }
+
+
+# Items per task in the SFT mixture (scripts/chat_sft.py's defaults). The probe in dev/LOG.md
+# (2026-12-02): the d4 base learns calculator calls and counting from ~300 steps of ~30 short
+# conversations, so arithmetic and counting get most items; chitchat, kept for conversational
+# form, cost ~2 points of counting there.
+SFT_SIZES = {"chitchat": 1500, "chatterbot": 2007, "arithmetic": 8000, "spelling": 8000, "arc": 869,
+             "identity": 2000}
+
+
+def sft_parts(sizes=None, chitchat_chars=1500, seed=0):
+    """{part: Task} of the SFT mixture with {part: items} (default SFT_SIZES; 0 leaves a part out)."""
+    sizes = SFT_SIZES if sizes is None else sizes
+    parts = {
+        "chitchat": lambda n: Chitchat("train", max_chars=chitchat_chars, stop=n),
+        "chatterbot": lambda n: Chatterbot(stop=n),
+        "arithmetic": lambda n: Arithmetic("train", size=n, seed=seed),
+        "spelling": lambda n: SpellingBee("train", size=n, seed=seed),
+        "arc": lambda n: arc_practice(stop=n),
+        "identity": lambda n: Identity("train", size=n, seed=seed),
+    }
+    unknown = set(sizes) - set(parts)
+    if unknown:
+        raise ValueError(f"unknown SFT mixture parts {sorted(unknown)}; choose from {sorted(parts)}")
+    return {name: parts[name](n) for name, n in sizes.items() if n > 0}
+
+
+def sft_val_tasks(chitchat_chars=1500, size=200):
+    """Held-out conversations of the SFT mixture's kinds, for the validation loss."""
+    return TaskMixture([Chitchat("val", max_chars=chitchat_chars), Arithmetic("test", size=size),
+                        SpellingBee("test", size=size), Identity("test")], seed=0)
