@@ -33,6 +33,7 @@ reasoning-gym's `gsm_symbolic` is not used: its templates were made from GSM8K *
 """
 
 import zlib
+from decimal import Decimal
 
 from nanochat.engine import CalculatorError, use_calculator
 from nanochat.speech_eval import normalize_text
@@ -81,7 +82,7 @@ class Arithmetic(Task):
                 result = use_calculator(expression)
             except CalculatorError:  # e.g. a division by zero
                 continue
-            if float(result) != float(row["answer"]):  # a division the tool rounds differently: skip it
+            if Decimal(result) != Decimal(row["answer"]):  # a division the tool rounds differently: skip it
                 continue
             seen.add(question)
             self.rows.append((question, expression, result, row["answer"]))
@@ -99,6 +100,7 @@ class Arithmetic(Task):
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
 
     def evaluate(self, item, completion):
-        """The reply's last "####" number equals the answer (numerically: "18.0" is "18")."""
+        """The reply's last "####" number equals the answer exactly ("18.0" is "18"; compared as
+        decimals: products of 4-digit terms exceed what a float holds exactly)."""
         got, expected = final_number(completion), final_number(item["messages"][-1]["content"][-1]["text"])
-        return got is not None and float(got) == float(expected)
+        return got is not None and Decimal(got) == Decimal(expected)

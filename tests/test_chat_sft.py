@@ -1,0 +1,77 @@
+"""scripts/chat_sft.py end to end on a tiny base checkpoint: trains on the real mixture, inherits the
+base run's shape and LRs, resumes to exactly the uninterrupted run, writes its report record, and
+chat_eval --source sft loads what it saved."""
+
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from nanochat.checkpoint import load_checkpoint, save_checkpoint
+from nanochat.gpt import GPTConfig
+from scripts import chat_eval, chat_sft
+from tests.helpers import build_model
+
+BASE_LRS = dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5)
+# Small parts of the real mixture; ARC practice needs the OLMo eval download, tested in test_contamination.
+ARGS = ["--model-tag", "tiny", "--chitchat", "40", "--chatterbot", "40", "--arithmetic", "60", "--spelling", "60",
+        "--arc", "0", "--identity", "40", "--eval-tasks", "Identity,Arithmetic", "--eval-problems", "4",
+        "--eval-batches", "1", "--max-new-tokens", "8", "--device-type", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer):
+    """A base dir with the test tokenizer and a tiny 'base_train' checkpoint (2 layers, context 64)."""
+    root = tmp_path_factory.mktemp("sft")
+    tokenizer.save(str(root / "tokenizer"))
+    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=64, window_pattern="L")
+    model = build_model(config)
+    meta = {"model_config": dataclasses.asdict(config), "step": 10, "total_batch_size": 2 ** 13,
+            "user_config": {"device_batch_size": 4, **BASE_LRS}}
+    save_checkpoint(str(root / "base_checkpoints" / "tiny"), 10, {"gpt": model.state_dict()}, None, meta)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(root))
+        yield root
+
+
+def sft(*args):
+    return chat_sft.main([*ARGS, *args])
+
+
+@pytest.mark.timeout(600)
+def test_sft_trains_resumes_exactly_and_chat_eval_loads_it(base_dir, capsys):
+    straight = sft("--tag", "straight", "--num-iterations", "4", "--eval-every", "2")
+    log = capsys.readouterr().out
+    assert "4 steps of 1 x 4 rows x 64 tokens" in log  # the base run's batch and the model's context
+    assert straight["steps"] == 4 and math.isfinite(straight["final_loss"])
+    assert set(straight["val"]) == {"step", "bpb", "Identity", "Arithmetic"} and straight["val"]["bpb"] > 0
+
+    sft("--tag", "resumed", "--num-iterations", "4", "--eval-every", "2", "--save-every", "2", "--stop-at-step", "2")
+    resumed = sft("--tag", "resumed", "--num-iterations", "4", "--eval-every", "2", "--resume")
+    assert resumed["final_loss"] == straight["final_loss"] and resumed["val"] == straight["val"]
+    a, _, meta = load_checkpoint(str(base_dir / "sft_checkpoints" / "straight"))
+    b, _, _ = load_checkpoint(str(base_dir / "sft_checkpoints" / "resumed"))
+    for name, tensor in a["gpt"].items():
+        assert torch.equal(tensor, b["gpt"][name]), name
+
+    # The LRs are the base run's effective ones (x sqrt(2^13 / 2^19)), recorded for a later stage.
+    assert meta["learning_rates"] == pytest.approx({k: v / 8 for k, v in BASE_LRS.items()})
+    assert meta["origin"]["step"] == 10 and meta["model_config"]["sequence_len"] == 64
+
+    records = [json.loads(line) for line in open(base_dir / "report" / "stages" / "sft.jsonl")]
+    assert records[-1]["kind"] == "end" and any(r["kind"] == "eval" for r in records)
+    assert [r["step"] for r in records if r["kind"] == "step" and "loss" in r["values"]][-4:] == [1, 2, 3, 4]
+
+    evaluated = chat_eval.main(["--source", "sft", "--model-tag", "straight", "-a", "Identity", "--max-problems", "3",
+                                "--max-new-tokens", "4", "--device-type", "cpu"])
+    assert evaluated["step"] == 4 and evaluated["tasks"]["Identity"]["n"] == 3
+    assert os.path.exists(base_dir / "report" / "chat_eval_sft.md")
+
+
+def test_sft_refuses_rows_longer_than_the_model(base_dir):
+    with pytest.raises(ValueError, match="longer than the model's context 64"):
+        sft("--tag", "long", "--max-seq-len", "128", "--num-iterations", "1")
