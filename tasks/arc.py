@@ -2,7 +2,7 @@
 
     ARC("ARC-Easy")         # test split, 2,376 questions
     ARC("ARC-Challenge")    # test split, 1,172 questions (the ones retrieval and co-occurrence failed on)
-    arc_practice()          # validation splits of both, 869 questions: SFT's multiple-choice practice
+    arc_practice()          # validation splits of both, 867 questions: SFT's multiple-choice practice
 
 chat_eval scores the test splits; the validation splits are only ever trained on.
 """
@@ -20,5 +20,11 @@ class ARC(MultipleChoiceTask):
 
 
 def arc_practice(**slice_args):
-    """ARC-Easy and ARC-Challenge's validation splits as one task (570 + 299 questions)."""
-    return MultipleChoiceTask([row for subset in ARC_SUBSETS for row in arc_rows(subset, "validation")], **slice_args)
+    """ARC-Easy and ARC-Challenge's validation splits as one task (570 + 299 questions), minus the
+    few that share a passage with a test question (a 13-word window, tasks/contamination.py: 2
+    questions, e.g. one on Maryland's natural resources)."""
+    from tasks.contamination import ContaminationIndex
+    tests = [ARC(subset) for subset in ARC_SUBSETS]
+    index = ContaminationIndex([(t.subset, i, t.question(i)) for t in tests for i in range(len(t))])
+    rows = [row for subset in ARC_SUBSETS for row in arc_rows(subset, "validation")]
+    return MultipleChoiceTask([row for row in rows if not index.find("\n".join([row[0], *row[1]]))], **slice_args)

@@ -10,7 +10,7 @@ and short scripted dialogs (chatterbot-corpus). Neither has a reference answer t
   Conversations are assigned to a split by a hash of their id (1 in VAL_BUCKETS to "val").
 - Chatterbot: chatterbot-corpus's English YAML dialogs (2,026 conversations, mostly one or two
   exchanges), minus its `botprofile.yml`, a persona (its creator, age, home) that would contradict
-  this assistant's identity (tasks/identity.py).
+  this assistant's identity (tasks/identity.py), and minus dialogs that ask an eval question.
 
     Chitchat("train", max_chars=1500)    Chatterbot()
 """
@@ -25,6 +25,9 @@ from tasks.common import Task
 VAL_BUCKETS = 50  # chitchat conversations held out for the validation loss: 1 in 50 (~140)
 SPLITS = ("train", "val")
 PERSONA_FILES = ("botprofile.yml",)
+# chatterbot-corpus dialogs that ask an eval question word for word (found by
+# tests/test_contamination.py): trivia.yml's mercury question is MMLU test item 7493.
+EVAL_QUESTIONS = ("What is the only metal that is a liquid at normal atmospheric pressure and temperature?",)
 
 
 def exchange_windows(turns, max_chars):
@@ -85,7 +88,7 @@ class Chatterbot(Task):
             with open(path, encoding="utf-8") as f:
                 for turns in yaml.safe_load(f)["conversations"]:
                     pairs = [[str(a), str(b)] for a, b in zip(turns[0::2], turns[1::2])]
-                    if pairs:
+                    if pairs and pairs[0][0] not in EVAL_QUESTIONS:
                         self.dialogs.append(pairs)
 
     def num_examples(self):
