@@ -45,12 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--model-step", type=int, default=None, help="its step (default: the last)")
     p.add_argument("--tag", default=None, help="output: base_dir/sft_checkpoints/<tag> (default: --model-tag's)")
     p.add_argument("--max-seq-len", type=int, default=-1, help="row length in tokens (-1: the model's context)")
-    p.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward per rank (-1: the base run's)")
+    p.add_argument("--device-batch-size", type=int, default=-1,
+                   help="rows per forward per rank (-1: the source run's, else 32)")
     p.add_argument("--grad-accum", type=int, default=1, help="forwards per optimizer step")
     p.add_argument("--lr-scale", type=float, default=1.0,
                    help="LRs = the base run's effective LRs x this (x1 beat x0.3 and x3 in dev/LOG.md's probe)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
-    p.add_argument("--epochs", type=float, default=1.0, help="horizon in passes over the mixture, unless --num-iterations")
+    p.add_argument("--epochs", type=float, default=1.0,
+                   help="horizon in passes over the mixture, unless --num-iterations")
     p.add_argument("--seed", type=int, default=0, help="mixture items and order")
     for part, n in SFT_SIZES.items():
         p.add_argument(f"--{part}", type=int, default=n, help=f"items of the {part} part (0: none)")
@@ -91,7 +93,8 @@ def main(argv=None):
     print0("SFT mixture: " + ", ".join(f"{name} {len(task):,}" for name, task in parts.items()))
     num_iterations = args.num_iterations
     if num_iterations <= 0:
-        num_iterations = max(1, round(args.epochs * row_steps(mixture, tokenizer, T + 1, B * world_size * args.grad_accum)))
+        rows_per_step = B * world_size * args.grad_accum
+        num_iterations = max(1, round(args.epochs * row_steps(mixture, tokenizer, T + 1, rows_per_step)))
     print0(f"{num_iterations} steps of {args.grad_accum} x {B} rows x {T} tokens x {world_size} ranks; "
            f"LRs x{args.lr_scale} of {lrs}")
     batches = sft_data_loader(mixture, tokenizer, B, T, device, start.loader_state, seed=args.seed)
@@ -123,8 +126,9 @@ def main(argv=None):
 
     report.start_stage(STAGE, resume=args.resume, config=vars(args))
     origin = {"source": args.source, "checkpoint_dir": source_dir, "step": meta["step"]}
+    user_config = {**vars(args), "device_batch_size": B, "max_seq_len": T}  # resolved: a later stage inherits them
     run = Run(out_dir, num_iterations, lambda: {"gpt": model.state_dict()},
-              dict(model_config=meta["model_config"], user_config=vars(args), learning_rates=lrs, origin=origin),
+              dict(model_config=meta["model_config"], user_config=user_config, learning_rates=lrs, origin=origin),
               device, rank, world_size, args.eval_every, save_every=args.save_every, stop_at_step=args.stop_at_step,
               wandb_name=args.run)
     schedule = Schedule(num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)

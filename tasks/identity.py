@@ -3,9 +3,17 @@
 Each topic (its name, what it is, what it can do, whether it can hear, who made it, its size) has
 its own question wordings, split in two disjoint lists: the train wordings teach, the test
 wordings are never trained on and measure whether the model answers a question it has not seen
-in those words. Answers are written per topic in several phrasings, each stating the topic's key
-facts; the evaluation checks that a reply states them (every group of `KEY_FACTS[topic]` has a
-word or phrase in the reply), not that it matches a phrasing.
+in those words. An answer is a lead written for the topic (several phrasings, each stating the
+topic's key facts) followed by one of a few short self-descriptions (`CORE`: the name, a small
+language model trained from scratch, that listens to speech). The evaluation checks that a reply
+states the topic's key facts (every group of `KEY_FACTS[topic]` has a word or phrase in the
+reply), not that it matches a phrasing.
+
+Why every answer carries the core facts: with topic-specific answers only, the d4 model of
+runs/cpu.sh recognised unseen identity questions as questions about itself but often picked
+another topic's answer (43 of 72 right after 300 SFT steps, dev/LOG.md 2026-12-02): a model that
+small does not tell "who put you together?" from "who are you?". Answering every identity question
+with the facts a user is told first about this assistant is what a small model can learn.
 
     Identity("train", size=2000)      Identity("test")    # 72 items: every test wording, three ways
 """
@@ -16,7 +24,7 @@ from tasks.common import Task
 
 NAME = "nanochat-audio"
 
-# topic -> (train wordings, test wordings, answers)
+# topic -> (train wordings, test wordings, answer leads)
 TOPICS = {
     "name": (
         ["What is your name?", "What's your name?", "Do you have a name?", "Tell me your name.",
@@ -91,12 +99,19 @@ TOPICS = {
     ),
 }
 
+# What every answer ends with, after its topic's lead.
+CORE = (f"I'm {NAME}, a small language model trained from scratch, and I can listen to speech as well as "
+        "read text.",
+        f"In short: I am {NAME}, a small language model, trained from scratch, that chats and can hear audio.",
+        f"{NAME} is a small model trained from scratch with the open-source {NAME} project; it can chat, "
+        "calculate and listen to audio.")
+
 # topic -> groups of alternatives: a right reply contains one alternative of every group (lowercase)
 KEY_FACTS = {
     "name": [(NAME,)],
     "what": [(NAME,), ("model", "program", "software", " ai", "assistant")],
     "abilities": [("audio", "speech", "listen", "hear")],
-    "audio": [("yes",), ("audio", "speech", "listen", "hear")],
+    "audio": [("audio", "speech", "listen", "hear")],
     "maker": [("scratch",)],
     "size": [("small",)],
 }
@@ -115,7 +130,7 @@ class Identity(Task):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split, self.seed = split, seed
         if split == "test":
-            self.rows = [(topic, variant, 0) for topic, (_, test, _) in TOPICS.items() for question in test
+            self.rows = [(topic, variant, 0, 0) for topic, (_, test, _) in TOPICS.items() for question in test
                          for variant in (question, "Hi! " + question, question.lower())]
         else:
             self.rows = [self._draw(i) for i in range(size)]
@@ -127,15 +142,15 @@ class Identity(Task):
         question = rng.choice(_GREETINGS) + rng.choice(train)
         if rng.random() < 0.3:
             question = question.lower()
-        return topic, question, rng.randrange(len(answers))
+        return topic, question, rng.randrange(len(answers)), rng.randrange(len(CORE))
 
     def num_examples(self):
         return len(self.rows)
 
     def get_example(self, index):
-        topic, question, answer = self.rows[index]
+        topic, question, lead, core = self.rows[index]
         return {"messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": TOPICS[topic][2][answer]}],
+                             {"role": "assistant", "content": TOPICS[topic][2][lead] + " " + CORE[core]}],
                 "topic": topic}
 
     def evaluate(self, item, completion):

@@ -10,7 +10,7 @@ from nanochat.engine import use_calculator
 from nanochat.speech_eval import normalize_text
 from tasks.arithmetic import Arithmetic, question_split
 from tasks.dialogue import PERSONA_FILES, Chatterbot, Chitchat, exchange_windows
-from tasks.identity import KEY_FACTS, NAME, TOPICS, Identity
+from tasks.identity import CORE, KEY_FACTS, NAME, TOPICS, Identity
 from tasks.suites import sft_parts
 
 
@@ -80,12 +80,15 @@ def test_identity_grades_the_key_facts(tokenizer):
     test = Identity("test")
     assert_renders(tokenizer, Identity("train", size=100))
     for item in test:
-        for answer in TOPICS[item["topic"]][2]:  # every written answer states its topic's facts
-            assert test.evaluate(item, answer), (item["topic"], answer)
+        for lead in TOPICS[item["topic"]][2]:  # every written lead states its topic's facts
+            assert test.evaluate(item, lead), (item["topic"], lead)
+        for core in CORE:  # and so does every self-description that ends an answer
+            assert test.evaluate(item, core), (item["topic"], core)
         assert not test.evaluate(item, "I am ChatGPT, a large model made by OpenAI. No.")
         assert not test.evaluate(item, "")
     by_topic = {item["topic"]: item for item in test}
     assert not test.evaluate(by_topic["audio"], f"My name is {NAME}.")  # right about the name, silent on hearing
+    assert not test.evaluate(by_topic["maker"], f"I'm {NAME}, a small model that listens to speech.")
     assert not test.evaluate(by_topic["name"], "I can listen to audio.")
     assert set(KEY_FACTS) == set(TOPICS)
 
