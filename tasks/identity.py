@@ -11,7 +11,7 @@ reply), not that it matches a phrasing.
 
 Why every answer carries the core facts: with topic-specific answers only, the d4 model of
 runs/cpu.sh recognised unseen identity questions as questions about itself but often picked
-another topic's answer (43 of 72 right after 300 SFT steps, dev/LOG.md 2026-12-02): a model that
+another topic's answer (33 of 72 right after 300 SFT steps, dev/LOG.md 2026-12-02): a model that
 small does not tell "who put you together?" from "who are you?". Answering every identity question
 with the facts a user is told first about this assistant is what a small model can learn.
 
@@ -154,6 +154,9 @@ class Identity(Task):
                 "topic": topic}
 
     def evaluate(self, item, completion):
-        """The reply states the topic's key facts: one alternative of each KEY_FACTS group."""
+        """The reply states the topic's key facts: one alternative of each KEY_FACTS group. The name
+        counts only for the name: "nanochat-audio" does not say that it hears audio."""
         reply = " " + completion.lower()
-        return all(any(alt in reply for alt in group) for group in KEY_FACTS[item["topic"]])
+        unnamed = reply.replace(NAME, " ")
+        return all(any(alt in (reply if alt == NAME else unnamed) for alt in group)
+                   for group in KEY_FACTS[item["topic"]])
