@@ -35,7 +35,7 @@ from nanochat.training import Run, Schedule, Start, add_training_args, inherited
 from tasks.common import TaskMixture
 from tasks.suites import SFT_SIZES, chat_eval_tasks, sft_parts, sft_val_tasks
 
-SOURCE, STAGE = "sft", "sft"
+STAGE = "sft"  # the checkpoint kind (base_dir/sft_checkpoints) and the report-card stage
 
 
 def parse_args(argv=None):
@@ -72,7 +72,7 @@ def main(argv=None):
     setup_logging()
     _, rank, _, world_size, device = compute_init(args.device_type)
     source_dir = checkpoint_dir_for(args.source, args.model_tag)
-    out_dir = checkpoint_dir_for(SOURCE, args.tag or os.path.basename(source_dir))
+    out_dir = checkpoint_dir_for(STAGE, args.tag or os.path.basename(source_dir))
     start = resume(out_dir, device, rank, world_size) if args.resume else Start()
     model, meta = build_model(source_dir, args.model_step, device, phase="train")
     if start.model_state is not None:
@@ -114,31 +114,21 @@ def main(argv=None):
             score, averaged = chatcore(results)
             if averaged:
                 metrics["chatcore_partial"] = score
-        report.log_step(STAGE, step, **{f"val_{k}": v for k, v in metrics.items()})
         return metrics
 
-    step_fn = token_step(model, batches, args.grad_accum)
-
-    def logged_step(step):
-        out = step_fn(step)
-        report.log_step(STAGE, step + 1, loss=out.loss.item())
-        return out
-
-    report.start_stage(STAGE, resume=args.resume, config=vars(args))
     origin = {"source": args.source, "checkpoint_dir": source_dir, "step": meta["step"]}
     user_config = {**vars(args), "device_batch_size": B, "max_seq_len": T}  # resolved: a later stage inherits them
     run = Run(out_dir, num_iterations, lambda: {"gpt": model.state_dict()},
               dict(model_config=meta["model_config"], user_config=user_config, learning_rates=lrs, origin=origin),
               device, rank, world_size, args.eval_every, save_every=args.save_every, stop_at_step=args.stop_at_step,
-              wandb_name=args.run)
+              wandb_name=args.run, report_stage=STAGE)
     schedule = Schedule(num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-    summary = train(model, optimizer, schedule, logged_step, run, start, evaluate)
-    if summary["steps"] == num_iterations:
+    summary = train(model, optimizer, schedule, token_step(model, batches, args.grad_accum), run, start, evaluate)
+    if summary["steps"] == num_iterations:  # the stage's summary numbers, next to its curves
         val = summary["val"] or {}
         report.log_metrics(STAGE, final_loss=summary["final_loss"], train_minutes=summary["train_minutes"],
                            **({"val_bpb": val["bpb"]} if "bpb" in val else {}))
         report.log_eval(STAGE, {name: val[name] for name in eval_tasks if name in val})
-        report.end_stage(STAGE)
     print0(json.dumps(summary))
     compute_cleanup()
     return summary

@@ -63,7 +63,9 @@ def test_sft_trains_resumes_exactly_and_chat_eval_loads_it(base_dir, capsys):
     assert meta["origin"]["step"] == 10 and meta["model_config"]["sequence_len"] == 64
 
     records = [json.loads(line) for line in open(base_dir / "report" / "stages" / "sft.jsonl")]
-    assert records[-1]["kind"] == "end" and any(r["kind"] == "eval" for r in records)
+    kinds = [r["kind"] for r in records]
+    assert "end" in kinds and kinds[-1] == "eval"
+    assert records[-1]["values"] == {name: resumed["val"][name] for name in ("Identity", "Arithmetic")}
     assert [r["step"] for r in records if r["kind"] == "step" and "loss" in r["values"]][-4:] == [1, 2, 3, 4]
 
     evaluated = chat_eval.main(["--source", "sft", "--model-tag", "straight", "-a", "Identity", "--max-problems", "3",
