@@ -100,7 +100,11 @@ def main(argv=None):
     batches = sft_data_loader(mixture, tokenizer, B, T, device, start.loader_state, seed=args.seed)
 
     val_tasks, token_bytes = sft_val_tasks(chars), get_token_bytes(tokenizer, device=device)
-    eval_tasks = {name: chat_eval_tasks()[name]() for name in args.eval_tasks.split(",") if name}
+    available = chat_eval_tasks()
+    unknown = [name for name in args.eval_tasks.split(",") if name and name not in available]
+    if unknown:
+        raise ValueError(f"--eval-tasks: unknown tasks {unknown}; choose from {list(available)}")
+    eval_tasks = {name: available[name]() for name in args.eval_tasks.split(",") if name}
     engine = Engine(model, tokenizer)
 
     def evaluate(step):

@@ -74,6 +74,8 @@ def test_sft_trains_resumes_exactly_and_chat_eval_loads_it(base_dir, capsys):
     assert os.path.exists(base_dir / "report" / "chat_eval_sft.md")
 
 
-def test_sft_refuses_rows_longer_than_the_model(base_dir):
+def test_sft_bad_settings_are_clear_errors(base_dir):
     with pytest.raises(ValueError, match="longer than the model's context 64"):
         sft("--tag", "long", "--max-seq-len", "128", "--num-iterations", "1")
+    with pytest.raises(ValueError, match=r"--eval-tasks: unknown tasks \['Poetry'\]"):
+        sft("--tag", "bad", "--eval-tasks", "Identity,Poetry", "--num-iterations", "1")
