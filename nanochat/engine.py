@@ -394,7 +394,7 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None,
-                 seed=42, audio_features=None):
+                 seed=42, audio_features=None, row_seeds=None):
         """Stream (token_column, token_masks): one token per row per step, mask 1 if sampled and
         0 if forced by the calculator tool. A finished row repeats its stop token (mask 0) and
         leaves the batch: the rows still running decode without it.
@@ -403,9 +403,19 @@ class Engine:
         prompt repeated num_samples times. audio_features: None, one (1, T_a, n_embd) tensor for
         every prompt, or a list with one tensor (or None) per prompt. max_tokens None: as many as
         the longest prompt leaves room for in the model's context (see context_budget); a request
-        that does not fit is a ValueError, raised before any work, as are bad parameters."""
+        that does not fit is a ValueError, raised before any work, as are bad parameters.
+
+        row_seeds: one seed per row instead of `seed`'s one stream for the batch: each row then
+        draws from its own stream exactly what it would draw generated alone (RL rollouts: a
+        sample does not depend on which prompts share its batch, nor on the number of ranks)."""
         prompts, audio = self._prompts_and_audio(tokens, audio_features)
         check_request(num_samples, max_tokens, temperature, top_k, top_p, seed)
+        if row_seeds is not None:
+            if not isinstance(row_seeds, (list, tuple)) or len(row_seeds) != len(prompts) * num_samples:
+                raise ValueError(f"row_seeds must be a list of {len(prompts) * num_samples} seeds (one per row: "
+                                 f"{len(prompts)} prompts x {num_samples} samples), got {row_seeds!r:.80}")
+            for s in row_seeds:
+                check_request(seed=s)
         model = self.model
         lengths = [len(p) + (0 if a is None else a.size(1)) for p, a in zip(prompts, audio)]
         max_tokens = context_budget(model.config.sequence_len, max(lengths), max_tokens)
@@ -416,21 +426,27 @@ class Engine:
             single, logits = self.prefill(prompt, clip)
             cache.insert(range(i * num_samples, (i + 1) * num_samples), single)
             first_logits.append(logits.expand(num_samples, -1))
-        yield from self.decode(cache, torch.cat(first_logits), max_tokens, temperature, top_k, top_p, seed)
+        yield from self.decode(cache, torch.cat(first_logits), max_tokens, temperature, top_k, top_p, seed, row_seeds)
 
     @torch.inference_mode()
-    def decode(self, cache, logits, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=42):
+    def decode(self, cache, logits, max_tokens, temperature=1.0, top_k=None, top_p=None, seed=42, row_seeds=None):
         """The decode loop of generate(), from a prefilled `cache` whose rows match the rows of
         `logits` (B, V), each row's first new token's. Every token yielded but a row's last (its stop
         token, or its max_tokens-th) is forwarded into the cache, so a batch-1 cache ends holding
         the prompt and all the reply but that last token (nanochat.conversation builds on this).
-        The caller checks that max_tokens fits in the cache."""
+        The caller checks that max_tokens fits in the cache (and row_seeds, one per row, if given)."""
         device = self.model.get_device()
         generator = torch.Generator(device=device).manual_seed(seed)
         rows = [Row() for _ in range(logits.size(0))]
         running = list(range(len(rows)))  # the rows in the cache and in logits, in that order
+        if row_seeds is not None:
+            params = SamplingParams(temperature, top_k, top_p)
+            generators = [SamplingParams(seed=s).generator(device) for s in row_seeds]
         for step in range(max_tokens):
-            sampled = sample_next_token(logits, generator, temperature, top_k, top_p).tolist()
+            if row_seeds is None:
+                sampled = sample_next_token(logits, generator, temperature, top_k, top_p).tolist()
+            else:
+                sampled = sample_rows(logits, [params] * len(running), [generators[r] for r in running]).tolist()
             column, masks = [row.stop_token for row in rows], [0] * len(rows)
             for r, token in zip(running, sampled):
                 column[r], masks[r] = self.advance(rows[r], token)

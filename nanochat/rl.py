@@ -31,6 +31,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+from nanochat.chat_eval import generative_outcomes
 
 
 @dataclass
@@ -62,17 +65,19 @@ class Rollouts:
         return inputs.to(device), targets.to(device)
 
 
-def sample_rollouts(engine, prompts, group_size, max_tokens, temperature=1.0, top_k=None, seed=0):
+def sample_rollouts(engine, prompts, group_size, max_tokens, temperature=1.0, top_k=None, seed=0, row_seeds=None):
     """Rollouts of `group_size` samples for each prompt (a list of token lists). The Engine
     prefills each prompt once and copies its KV cache into the group's rows, then decodes all
-    rows together; finished rows leave the batch."""
+    rows together; finished rows leave the batch. row_seeds (one per row, see rollout_seeds):
+    each row samples from its own stream, as it would alone."""
     if not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists (one per prompt)")
     tokens = [list(p) for p in prompts for _ in range(group_size)]
     masks = [[0] * len(t) for t in tokens]
     stopped = [False] * len(tokens)
     for column, column_masks in engine.generate(prompts, num_samples=group_size, max_tokens=max_tokens,
-                                                temperature=temperature, top_k=top_k, seed=seed):
+                                                temperature=temperature, top_k=top_k, seed=seed,
+                                                row_seeds=row_seeds):
         for r, (token, mask) in enumerate(zip(column, column_masks)):
             if stopped[r]:
                 continue
@@ -117,3 +122,72 @@ def pass_at_k(n, c, k):
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+# ---------------------------------------------------------------------------
+# A training step and an evaluation, for scripts/chat_rl.py
+
+
+def rank_share(start, count, rank=0, world_size=1):
+    """The global indices start .. start+count-1 that this rank handles: every world_size-th one."""
+    return list(range(start + rank, start + count, world_size))
+
+
+def rollout_seeds(seed, prompt_ids, group_size):
+    """One sampling seed per row: sample j of training prompt number p draws from stream
+    seed * 2**32 + p * group_size + j, whichever step, batch or rank generates it (so a run's
+    rollouts are the same on any number of ranks, and a resumed run draws what it would have)."""
+    return [seed * 2 ** 32 + p * group_size + j for p in prompt_ids for j in range(group_size)]
+
+
+def grpo_step(model, engine, task, prompt_ids, group_size, max_tokens, device_batch_size, temperature=1.0,
+              top_k=None, seed=0, world_size=1):
+    """One RL step's forwards and backwards on this rank's prompts (task items prompt_ids):
+    rollouts, task.reward per row, group-relative advantages, and the token-level policy-gradient
+    loss, normalised by the sampled tokens of the whole step over every rank (the optimizer
+    averages gradients over ranks). Rows whose advantage is 0 (a group that all agrees) have a
+    zero gradient and are not forwarded at all. Returns (the loss, {reward, sampled tokens per
+    row, share of rows that stopped, rows trained}: means over every rank)."""
+    items = [task[i] for i in prompt_ids]
+    prompts = [engine.tokenizer.render_for_completion(item) for item in items]
+    rollouts = sample_rollouts(engine, prompts, group_size, max_tokens, temperature, top_k,
+                               row_seeds=rollout_seeds(seed, prompt_ids, group_size))
+    rewards = torch.tensor([float(task.reward(items[r // group_size], text))
+                            for r, text in enumerate(rollouts.completions)])
+    advantages = group_advantages(rewards, group_size)
+    device = model.get_device()
+    inputs, targets = rollouts.batch(device)
+    keep = advantages.nonzero().squeeze(1)
+    sampled = int((targets >= 0).sum())
+    totals = torch.tensor([sampled, float(rewards.sum()), sum(rollouts.stopped), len(keep), len(rewards)],
+                          dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    step_tokens, reward_sum, stopped, trained, rows = totals.tolist()
+    loss = torch.zeros((), device=device)
+    inputs, targets, advantages = inputs[keep.to(device)], targets[keep.to(device)], advantages[keep].to(device)
+    for i in range(0, len(keep), device_batch_size):
+        x, y = inputs[i:i + device_batch_size], targets[i:i + device_batch_size]
+        width = int((y >= 0).any(0).nonzero().max()) + 1  # drop the columns that are padding in every row
+        x, y = x[:, :width], y[:, :width]
+        part = policy_gradient_loss(-model(x, y, loss_reduction="none"), y >= 0, advantages[i:i + device_batch_size],
+                                    num_tokens=step_tokens / world_size)
+        part.backward()
+        loss += part.detach()
+    return loss, {"reward": reward_sum / rows, "tokens": step_tokens / rows, "stopped": stopped / rows,
+                  "trained": trained / rows}
+
+
+def evaluate_pass_at_k(engine, task, num_problems, num_samples, rank=0, world_size=1, **generate_args):
+    """pass@1 and pass@num_samples (unbiased, from num_samples replies per item) over the first
+    num_problems items of `task`, the ranks splitting them; every rank gets the totals."""
+    ids = rank_share(0, min(num_problems, len(task)), rank, world_size)
+    outcomes = generative_outcomes(engine, engine.tokenizer, task, [task[i] for i in ids], num_samples,
+                                   progress=rank == 0, **generate_args) if ids else []
+    totals = torch.tensor([sum(pass_at_k(num_samples, sum(o), 1) for o in outcomes),
+                           sum(pass_at_k(num_samples, sum(o), num_samples) for o in outcomes), len(outcomes)],
+                          dtype=torch.float64, device=engine.model.get_device())
+    if world_size > 1:
+        dist.all_reduce(totals)
+    first, at_k, n = totals.tolist()
+    return {"pass@1": first / max(n, 1), f"pass@{num_samples}": at_k / max(n, 1), "n": int(n)}
