@@ -174,6 +174,9 @@ def grpo_step(model, engine, task, prompt_ids, group_size, max_tokens, device_ba
                                     num_tokens=step_tokens / world_size)
         part.backward()
         loss += part.detach()
+    if world_size > 1:  # the step's loss: each rank's part is its sum over the step-wide token count
+        dist.all_reduce(loss)
+        loss /= world_size
     return loss, {"reward": reward_sum / rows, "tokens": step_tokens / rows, "stopped": stopped / rows,
                   "trained": trained / rows}
 

@@ -81,7 +81,11 @@ def main(argv=None):
     optimizer = model.setup_optimizer(**{f"{name}_lr": getattr(args, f"{name}_lr") * args.init_lr_frac
                                          for name in ("embedding", "unembedding", "matrix", "scalar")},
                                       weight_decay=0.0)
-    train_task = Arithmetic(args.level, seed=args.seed, size=args.num_iterations * args.prompts_per_step)
+    # item i of reasoning-gym seed s is drawn from Random(s + i): seed x size keeps seeds' problems apart
+    size = args.num_iterations * args.prompts_per_step
+    train_task = Arithmetic(args.level, seed=args.seed * size, size=size)
+    if (args.seed + 1) * size > HELD_OUT_SEED:
+        raise ValueError(f"--seed {args.seed} x {size} problems reaches the held-out problems: use a smaller seed")
     held_out = Arithmetic(args.level, seed=HELD_OUT_SEED, size=args.eval_problems)
     gsm8k = GSM8K() if args.gsm8k_problems > 0 else None
 

@@ -6,6 +6,9 @@ samples generated one by one."""
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from scripts import chat_rl
 from tasks.arithmetic import HELD_OUT_SEED, Arithmetic
 from tests.helpers import build_model
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS, SAMPLES, STEPS = 2, 4, 2
 ARGS = ["--source", "sft", "--model-tag", "tiny", "--level", "easy", "--prompts-per-step", str(PROMPTS),
         "--num-samples", str(SAMPLES), "--max-new-tokens", "24", "--temperature", "1.5",
@@ -55,6 +59,10 @@ def world(tmp_path_factory, tokenizer):
     save_checkpoint(str(root / "sft_checkpoints" / "tiny"), 7, {"gpt": model.state_dict()}, None,
                     {"step": 7, "model_config": dataclasses.asdict(config)})
     return root, model
+
+
+def rewards_logged(output):
+    return [line.split("| reward ")[1].split()[0] for line in output.splitlines() if "| reward " in line]
 
 
 def run(root, *args):
@@ -127,3 +135,32 @@ def test_group_rollouts_equal_samples_generated_alone(world, tokenizer):
              for r, s in enumerate(seeds)]
     assert group.tokens == [a.tokens[0] for a in alone] and group.masks == [a.masks[0] for a in alone]
     assert len(set(map(tuple, group.tokens))) > 2  # the seeds really differ: not all one greedy reply
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_what_one_process_does(world, capsys):
+    """Two gloo ranks of one prompt each against one process of two prompts: the rollouts are the
+    same (every row samples from the stream of its prompt's global index), the loss is normalised
+    by the whole step's sampled tokens and MuonAdamW averages the ranks' gradients, so the runs
+    differ by float rounding only (gradients summed in another order)."""
+    root, sft = world
+    single = run(root, "--output-tag", "single", "--eval-every", "-1")
+    single_rewards = rewards_logged(capsys.readouterr().out)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.chat_rl", *ARGS, "--output-tag", "ddp", "--eval-every", "-1"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rewards_logged(proc.stdout) == single_rewards and len(single_rewards) == STEPS
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["final_loss"] == pytest.approx(single["final_loss"],
+                                                                                            rel=1e-5)
+    ddp, _, meta = load_checkpoint(str(root / "rl_checkpoints" / "ddp"))
+    assert len(meta["loader_states"]) == 2
+    state, _, _ = load_checkpoint(str(root / "rl_checkpoints" / "single"))
+    start = sft.state_dict()
+    for name, tensor in state["gpt"].items():
+        if tensor.dim() == 0:  # a 0-dim scalar's gradient is one sum that nearly cancels (see test_audio_train)
+            continue
+        moved = float((tensor - start[name]).norm())
+        diff = float((ddp["gpt"][name] - tensor).norm())
+        assert diff <= 1e-3 * moved + 1e-7, (name, diff, moved)
