@@ -164,3 +164,11 @@ def test_torchrun_two_ranks_train_what_one_process_does(world, capsys):
         moved = float((tensor - start[name]).norm())
         diff = float((ddp["gpt"][name] - tensor).norm())
         assert diff <= 1e-3 * moved + 1e-7, (name, diff, moved)
+
+
+def test_row_seeds_must_match_the_rows(world, tokenizer):
+    _, model = world
+    with pytest.raises(ValueError, match=r"row_seeds must be a list of 4 seeds \(one per row: 2 prompts x 2"):
+        next(Engine(model, tokenizer).generate([[1, 2], [3]], num_samples=2, max_tokens=2, row_seeds=[1, 2, 3]))
+    with pytest.raises(ValueError, match="seed must be an int"):
+        next(Engine(model, tokenizer).generate([[1, 2]], max_tokens=2, row_seeds=[0.5]))
