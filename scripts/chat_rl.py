@@ -69,6 +69,8 @@ def main(argv=None):
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world_size} ranks")
     source_dir = checkpoint_dir_for(args.source, args.model_tag)
     checkpoint_dir = checkpoint_dir_for("rl", args.output_tag or os.path.basename(source_dir))
+    if os.path.abspath(checkpoint_dir) == os.path.abspath(source_dir):
+        raise ValueError(f"--source rl would write its steps over its own start in {source_dir}: give an --output-tag")
     start = resume(checkpoint_dir, device, rank, world_size) if args.resume else Start()
     if start.model_state is None:
         model_state, _, source_meta = load_checkpoint(source_dir, args.model_step, device)
@@ -101,7 +103,7 @@ def main(argv=None):
 
     report.start_stage("rl", resume=args.resume, config=vars(args))
     before = start.meta["eval_before"] if start.meta else None
-    if before is None and args.eval_every > 0:
+    if start.step == 0 and args.eval_every > 0:
         model.eval()
         before = evaluate()
         print0(" | ".join(["before RL"] + [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

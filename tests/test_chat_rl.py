@@ -172,3 +172,15 @@ def test_row_seeds_must_match_the_rows(world, tokenizer):
         next(Engine(model, tokenizer).generate([[1, 2], [3]], num_samples=2, max_tokens=2, row_seeds=[1, 2, 3]))
     with pytest.raises(ValueError, match="seed must be an int"):
         next(Engine(model, tokenizer).generate([[1, 2]], max_tokens=2, row_seeds=[0.5]))
+
+
+def test_rl_on_rl_needs_its_own_tag(world):
+    root, _ = world
+    run(root, "--output-tag", "first", "--num-iterations", "1", "--eval-every", "-1")
+    with pytest.raises(ValueError, match="give an --output-tag"):
+        run(root, "--source", "rl", "--model-tag", "first")
+    second = run(root, "--source", "rl", "--model-tag", "first", "--output-tag", "second", "--num-iterations", "1",
+                 "--eval-every", "-1")
+    assert second["steps"] == 1
+    _, _, meta = load_checkpoint(str(root / "rl_checkpoints" / "second"))
+    assert meta["rl_source"]["checkpoint"] == str(root / "rl_checkpoints" / "first")
