@@ -1,6 +1,6 @@
 """Reinforcement learning of the chat model on generated arithmetic with an exact-answer reward.
 
-    python -m scripts.chat_rl --source sft --level default --num-iterations 40     # CPU, minutes
+    python -m scripts.chat_rl --source sft --level hard --num-iterations 60     # CPU, minutes
     torchrun --nproc_per_node=8 -m scripts.chat_rl --source sft --num-iterations 300
 
 GRPO-style and on-policy (nanochat/rl.py): each step samples --num-samples replies to each of
@@ -24,8 +24,10 @@ from nanochat.engine import Engine
 from nanochat.rl import evaluate_pass_at_k, grpo_step, rank_share
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import Run, Schedule, Start, StepOutput, add_training_args, resume, train
-from tasks.arithmetic import HELD_OUT_SEED, LEVELS, Arithmetic
+from tasks.arithmetic import LEVELS, Arithmetic
 from tasks.gsm8k import GSM8K
+
+SEED_STRIDE = 10 ** 9  # reasoning-gym stream positions per --seed: more than any run draws
 
 
 def parse_args(argv=None):
@@ -36,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--output-tag", default=None, help="rl_checkpoints folder (default: the source's tag)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training problems and of the rollouts")
     # the problems and the rollouts
-    p.add_argument("--level", default="default", choices=list(LEVELS), help="arithmetic difficulty to train on")
+    p.add_argument("--level", default="hard", choices=list(LEVELS), help="arithmetic difficulty to train on")
     p.add_argument("--prompts-per-step", type=int, default=16, help="problems per step, over all ranks")
     p.add_argument("--num-samples", type=int, default=8, help="replies per problem: the group of the advantages")
     p.add_argument("--max-new-tokens", type=int, default=128, help="reply length limit in rollouts and evals")
@@ -83,12 +85,10 @@ def main(argv=None):
     optimizer = model.setup_optimizer(**{f"{name}_lr": getattr(args, f"{name}_lr") * args.init_lr_frac
                                          for name in ("embedding", "unembedding", "matrix", "scalar")},
                                       weight_decay=0.0)
-    # item i of reasoning-gym seed s is drawn from Random(s + i): seed x size keeps seeds' problems apart
-    size = args.num_iterations * args.prompts_per_step
-    train_task = Arithmetic(args.level, seed=args.seed * size, size=size)
-    if (args.seed + 1) * size > HELD_OUT_SEED:
-        raise ValueError(f"--seed {args.seed} x {size} problems reaches the held-out problems: use a smaller seed")
-    held_out = Arithmetic(args.level, seed=HELD_OUT_SEED, size=args.eval_problems)
+    # item i of reasoning-gym seed s is drawn from Random(s + i): SEED_STRIDE keeps seeds' problems apart
+    train_task = Arithmetic("train", size=args.num_iterations * args.prompts_per_step, seed=args.seed * SEED_STRIDE,
+                            level=args.level)
+    held_out = Arithmetic("test", size=args.eval_problems, level=args.level)
     gsm8k = GSM8K() if args.gsm8k_problems > 0 else None
 
     def evaluate(step=0):

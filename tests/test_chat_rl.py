@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from decimal import Decimal
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig
 from nanochat.rl import rollout_seeds, sample_rollouts
 from scripts import chat_rl
-from tasks.arithmetic import HELD_OUT_SEED, Arithmetic
+from tasks.arithmetic import Arithmetic
+from tasks.common import final_number
 from tests.helpers import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,11 +52,11 @@ def memorise(tokenizer, conversations, steps=150):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer):
     """A base dir with the tokenizer and an SFT checkpoint "tiny" that has memorised the problems
-    RL trains on (easy level, seed 0) and the first held-out ones."""
+    RL trains on (easy level, seed 0) and the first test-split ones."""
     root = tmp_path_factory.mktemp("rl_world")
     tokenizer.save(str(root / "tokenizer"))
-    train = Arithmetic("easy", seed=0, size=PROMPTS * STEPS)
-    held_out = Arithmetic("easy", seed=HELD_OUT_SEED, size=4)
+    train = Arithmetic("train", size=PROMPTS * STEPS, level="easy")
+    held_out = Arithmetic("test", size=4, level="easy")
     model, config = memorise(tokenizer, list(train) + list(held_out))
     save_checkpoint(str(root / "sft_checkpoints" / "tiny"), 7, {"gpt": model.state_dict()}, None,
                     {"step": 7, "model_config": dataclasses.asdict(config)})
@@ -104,18 +106,18 @@ def test_rl_steps_resume_bit_equal_and_load_as_rl(world):
 
 
 def test_arithmetic_reward_on_known_replies():
-    task = Arithmetic("default", seed=3, size=10)
+    """The RL reward is 1.0 exactly when the reply's final "####" number is the answer."""
+    task = Arithmetic("test", size=10, level="hard")
     item = task[0]
-    answer = item["messages"][-1]["content"][-1]["text"]
+    answer = final_number(item["messages"][-1]["content"][-1]["text"])
     expression = item["messages"][-1]["content"][0]["text"]
     call = f"<|python_start|>{expression}<|python_end|><|output_start|>{answer}<|output_end|>"
-    assert task.reward(item, call + answer) == 1.0
-    assert task.reward(item, call + f" {answer}.0 ") == 1.0  # numerically equal
-    assert task.reward(item, answer) == 1.0  # no tool call: the whole reply is the answer
+    assert task.reward(item, call + f"\n\n#### {answer}") == 1.0
+    assert task.reward(item, f"#### {answer}.0") == 1.0  # numerically equal, with or without the call
     assert task.reward(item, call) == 0.0  # the tool's output alone is not an answer
-    assert task.reward(item, call + str(int(answer) + 1)) == 0.0
-    assert task.reward(item, call + answer + " apples") == 0.0  # not exact
-    assert task.reward(item, "") == 0.0
+    assert task.reward(item, call + f"\n\n#### {Decimal(answer) + 1}") == 0.0
+    assert task.reward(item, f"#### {answer}\n\n#### 0") == (1.0 if Decimal(answer) == 0 else 0.0)  # the last counts
+    assert task.reward(item, "") == 0.0 and isinstance(task.reward(item, ""), float)
 
 
 def test_group_rollouts_equal_samples_generated_alone(world, tokenizer):
@@ -123,7 +125,7 @@ def test_group_rollouts_equal_samples_generated_alone(world, tokenizer):
     seeded stream: rollouts of 2 prompts x 3 samples equal the 6 samples generated one at a time."""
     _, model = world
     engine = Engine(model, tokenizer)
-    task = Arithmetic("easy", seed=0, size=2)
+    task = Arithmetic("train", size=2, level="easy")
     prompts = [tokenizer.render_for_completion(item) for item in task]
     prefills = []
     prefill = engine.prefill
