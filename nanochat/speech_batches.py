@@ -27,31 +27,45 @@ WARM_CHUNK = 512   # clips per feature-cache pass before training (bounds the me
 
 @dataclass
 class Item:
-    """One training conversation: row `index` of a spoken task, or its typed twin (no audio)."""
+    """One training conversation: row `index` of a spoken task, its typed twin (typed: no audio), or
+    item `index` of a text chat task (chat: no audio)."""
     task: object
     index: int
     typed: bool = False
+    chat: bool = False
 
     def conversation(self):
         return self.task.typed(self.index) if self.typed else self.task[self.index]
 
     @property
+    def heard(self):
+        """Whether the conversation has a clip in front."""
+        return not (self.typed or self.chat)
+
+    @property
     def clip_id(self):
-        return None if self.typed else self.task.rows[self.index]["id"]
+        return self.task.rows[self.index]["id"] if self.heard else None
 
     @property
     def duration(self):
-        return 0.0 if self.typed else self.task.rows[self.index]["duration"]
+        return self.task.rows[self.index]["duration"] if self.heard else 0.0
 
 
-def build_items(tasks, text_mix=0.0, typed=None):
+def build_items(tasks, text_mix=0.0, typed=None, chat_mix=0.0, chat=None):
     """Every conversation of the spoken tasks, then round(text_mix x that many) typed twins drawn in
-    order (cycling) from `typed`, a task with typed(i) (tasks.spoken.SpokenQuestions)."""
+    order (cycling) from `typed`, a task with typed(i) (tasks.spoken.SpokenQuestions), and
+    round(chat_mix x that many) text conversations drawn in order (cycling) from the task `chat`
+    (the chat SFT mixture, so a chat model keeps chatting while it learns to hear)."""
     items = [Item(task, i) for task in tasks for i in range(len(task))]
+    spoken = len(items)
     if text_mix > 0:
         if typed is None:
             raise ValueError("text_mix needs a task with typed twins (typed=SpokenQuestions(...))")
-        items += [Item(typed, i % len(typed), typed=True) for i in range(round(text_mix * len(items)))]
+        items += [Item(typed, i % len(typed), typed=True) for i in range(round(text_mix * spoken))]
+    if chat_mix > 0:
+        if chat is None or not len(chat):
+            raise ValueError("chat_mix needs a task of text conversations (chat=TaskMixture(sft_parts()...))")
+        items += [Item(chat, i % len(chat), chat=True) for i in range(round(chat_mix * spoken))]
     return items
 
 
@@ -73,7 +87,7 @@ class WaveformAugment:
         out = []
         for item in items:
             pick = 0
-            if self.variants and not item.typed:
+            if self.variants and item.heard:
                 digest = hashlib.sha256(f"{self.seed}|{step}|{item.clip_id}".encode()).hexdigest()
                 pick = int(digest[:8], 16) % (self.variants + 1)
             out.append(clip_variants(item.clip_id, self.variants, self.seed, self.names, self.p)[pick - 1]
@@ -155,7 +169,7 @@ def warm_cache(model, cache, items, rank, world_size):
     """Encode every distinct clip of `items` not yet in the cache (ranks split the clips)."""
     clips = {}
     for item in items:
-        if not item.typed:
+        if item.heard:
             clips.setdefault(item.clip_id, item)
     ids = sorted(clips)[rank::world_size]
     for start in range(0, len(ids), WARM_CHUNK):

@@ -379,6 +379,15 @@ def arithmetic_questions(seed, count):
         yield f"What is {a} {_SPOKEN_OPERATOR[op]} {b}?", item["answer"]
 
 
+def spoken_expression(question):
+    """The calculator expression of an arithmetic_questions question ("What is 6 plus 10?" -> "6 + 10")."""
+    words = question.removeprefix("What is ").removesuffix("?").split()
+    operators = {word: op for op, word in _SPOKEN_OPERATOR.items()}
+    if len(words) != 3 or words[1] not in operators:
+        raise ValueError(f"not a spoken arithmetic question: {question!r}")
+    return f"{words[0]} {operators[words[1]]} {words[2]}"
+
+
 def letter_count_question(rng):
     word = rng.choice(dictionary_words())
     return f"How many letters are in the word {word}?", str(len(word))

@@ -67,7 +67,9 @@ def run_task(model, engine, tokenizer, cache, task, max_items, batch_size, max_t
 
 
 def answer(conversation):
-    return conversation["messages"][-1]["content"]
+    """The reference reply as text (a calculator reply: its "#### answer")."""
+    content = conversation["messages"][-1]["content"]
+    return content if isinstance(content, str) else content[-1]["text"].strip()
 
 
 def evaluate(model, tokenizer, data_dir, split, max_items, batch_size, max_tokens, conditions=("clean",)):

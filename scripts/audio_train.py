@@ -33,7 +33,9 @@ from nanochat.speech_lm import (Regularisers, SpeechLM, audio_checkpoint_dir, en
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import Run, Schedule, Start, add_training_args, resume, train as train_loop
 from nanochat.whisper_weights import whisper_id
+from tasks.common import TaskMixture
 from tasks.spoken import TASKS, SpokenQuestions, SpokenTranscription
+from tasks.suites import sft_parts
 
 
 def parse_args(argv=None):
@@ -57,6 +59,9 @@ def parse_args(argv=None):
     # data
     p.add_argument("--data-dir", default=None, help="speech shards (default base_dir/speech)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="spoken tasks to train on")
+    p.add_argument("--chat-mix", type=float, default=0.0,
+                   help="text conversations of the chat SFT mixture (tasks/suites.py sft_parts) per spoken one: "
+                        "a model started from --source sft/rl stays a chat model while it learns to hear")
     p.add_argument("--text-mix", type=float, default=0.0,
                    help="typed-question conversations (no audio) per spoken item, stage 2: keeps the GPT a text model")
     p.add_argument("--batch-size", type=int, default=16, help="conversations per step per rank")
@@ -121,7 +126,8 @@ def load_items(args, world_size):
     data_dir = args.data_dir or default_data_dir()
     tasks = {name: TASKS[name](data_dir, "train") for name in args.tasks}
     typed = (tasks.get("question") or SpokenQuestions(data_dir, "train")) if args.text_mix else None
-    items = build_items(list(tasks.values()), args.text_mix, typed)
+    chat = TaskMixture(list(sft_parts(seed=args.seed).values()), seed=args.seed) if args.chat_mix else None
+    items = build_items(list(tasks.values()), args.text_mix, typed, args.chat_mix, chat)
     if len(items) < args.batch_size * world_size:
         raise ValueError(f"{len(items)} training conversations in {data_dir} are fewer than one step's "
                          f"{args.batch_size} x {world_size} ranks: build more clips or lower --batch-size")
@@ -139,8 +145,8 @@ def load_items(args, world_size):
 def train(args):
     """Run a training job; returns (the trained SpeechLM, the summary dict printed last)."""
     _, rank, _, world_size, device = compute_init(args.device_type)
-    if args.text_mix and args.stage == 1:
-        raise ValueError("--text-mix trains the GPT on typed questions: it needs --stage 2 (stage 1 freezes the GPT)")
+    if (args.text_mix or args.chat_mix) and args.stage == 1:
+        raise ValueError("--text-mix and --chat-mix train the GPT on text: they need --stage 2 (stage 1 freezes the GPT)")
     out_dir = audio_checkpoint_dir(args.tag or f"s{args.stage}")
     start = resume(out_dir, device, rank, world_size) if args.resume else Start()
     if start.meta and start.meta["stage"] != args.stage:

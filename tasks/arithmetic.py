@@ -95,12 +95,22 @@ class Arithmetic(Task):
 
     def get_example(self, index):
         question, expression, result, answer = self.rows[index]
-        reply = [{"type": "python", "text": expression}, {"type": "python_output", "text": result},
-                 {"type": "text", "text": f"\n\n#### {answer}"}]
-        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+        return {"messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": calculator_reply(expression, result, answer)}]}
 
     def evaluate(self, item, completion):
-        """The reply's last "####" number equals the answer exactly ("18.0" is "18"; compared as
-        decimals: products of 4-digit terms exceed what a float holds exactly)."""
-        got, expected = final_number(completion), final_number(item["messages"][-1]["content"][-1]["text"])
-        return got is not None and Decimal(got) == Decimal(expected)
+        return answer_matches(item["messages"][-1]["content"], completion)
+
+
+def calculator_reply(expression, result, answer):
+    """The assistant's content parts for a question answered through the calculator: the call, the
+    tool's output (`result`, as engine.use_calculator prints it) and "#### answer"."""
+    return [{"type": "python", "text": expression}, {"type": "python_output", "text": result},
+            {"type": "text", "text": f"\n\n#### {answer}"}]
+
+
+def answer_matches(reply, completion):
+    """Whether the completion's last "####" number equals that of a calculator_reply exactly ("18.0"
+    is "18"; compared as decimals: products of 4-digit terms exceed what a float holds exactly)."""
+    got, expected = final_number(completion), final_number(reply[-1]["text"])
+    return got is not None and Decimal(got) == Decimal(expected)

@@ -5,15 +5,20 @@ Tasks of the Task API (tasks/common.py). Each item is a conversation with the au
      "audio": float32 samples at 16 kHz}
 - SpokenTranscription: every clip -> its transcript (scored by word error rate, lower is better).
 - SpokenQuestions: a spoken question -> its exact answer (scored by exact match); typed(i) is the
-  same question as text with no audio, to measure the gap between hearing and reading.
+  same question as text with no audio, to measure the gap between hearing and reading. An
+  arithmetic question is answered through the calculator, as tasks/arithmetic.py's typed ones
+  are (the call, its output, "#### answer"), so a chat model answers what it hears as it answers
+  what it reads.
 - SpokenContinuation: the first half of a sentence spoken -> the rest as text (scored by WER
   against the real rest of the sentence).
 TASKS names them as scripts/audio_train.py's --tasks does. Text normalisation and WER live in
 nanochat.speech_eval.
 """
 
-from nanochat.speech_data import decode_audio, default_data_dir, load_split
+from nanochat.engine import use_calculator
+from nanochat.speech_data import decode_audio, default_data_dir, load_split, spoken_expression
 from nanochat.speech_eval import normalize_text, word_error_rate
+from tasks.arithmetic import answer_matches, calculator_reply
 from tasks.common import Task
 
 
@@ -40,8 +45,12 @@ class SpokenTask(Task):
     def get_example(self, index):
         row = self._all_rows[index]
         return {"messages": [{"role": "user", "content": self.prompt},
-                             {"role": "assistant", "content": row[self.answer_column]}],
+                             {"role": "assistant", "content": self.reply(row)}],
                 "audio": decode_audio(row["audio"], row["sample_rate"])}
+
+    def reply(self, row):
+        """The assistant's reply to a row: its answer column."""
+        return row[self.answer_column]
 
     def question(self, index):
         """What is spoken (the user message is a fixed instruction)."""
@@ -75,16 +84,28 @@ class SpokenQuestions(SpokenTask):
     prompt = "Answer the question you heard."
     row_task = "question"
 
+    @staticmethod
+    def reply(row):
+        """The answer; an arithmetic question's through the calculator (tasks.arithmetic)."""
+        if row["source"] != "arithmetic":
+            return row["answer"]
+        expression = spoken_expression(row["question"])
+        return calculator_reply(expression, use_calculator(expression), row["answer"])
+
     def typed(self, i):
         """The same item with the question typed as text and no audio (the modality-gap twin)."""
         row = self.rows[i]
         return {"messages": [{"role": "user", "content": row["question"]},
-                             {"role": "assistant", "content": row["answer"]}]}
+                             {"role": "assistant", "content": self.reply(row)}]}
 
     @staticmethod
     def evaluate(item, completion):
-        """Exact match of the normalised completion and answer ("-4." matches "-4")."""
-        return normalize_text(completion) == normalize_text(item["messages"][-1]["content"])
+        """Exact match of the normalised completion and answer ("-4." matches "-4"); for a
+        calculator reply, of the final "#### answer"."""
+        reference = item["messages"][-1]["content"]
+        if isinstance(reference, list):
+            return answer_matches(reference, completion)
+        return normalize_text(completion) == normalize_text(reference)
 
     def reward(self, item, completion):
         return float(self.evaluate(item, completion))

@@ -52,6 +52,7 @@ def training_tasks():
         "Chitchat/train": lambda: Chitchat("train"),
         "Chatterbot": Chatterbot,
         "Arithmetic/train": lambda: Arithmetic("train", size=20000),
+        "Arithmetic/train-hard": lambda: Arithmetic("train", size=20000, level="hard"),
         "ARC/validation": arc_practice,
         "Identity/train": lambda: Identity("train", size=5000),
     }
@@ -61,8 +62,11 @@ def training_tasks():
 # (2026-12-02): the d4 base learns calculator calls and counting from ~300 steps of ~30 short
 # conversations, so arithmetic and counting get most items; chitchat, kept for conversational
 # form, cost ~2 points of counting there.
-SFT_SIZES = {"chitchat": 1500, "chatterbot": 2006, "arithmetic": 8000, "spelling": 8000, "arc": 867,
-             "identity": 2000}
+# arithmetic_hard (reasoning-gym's defaults: up to 6 terms, parentheses, negation) is a minority so
+# that RL (scripts/chat_rl.py --level hard) starts where pass@1 has room: after SFT on "mid" alone
+# the d4 is at ~99% on mid and ~3% on hard, and RL learns nothing from groups that all agree.
+SFT_SIZES = {"chitchat": 1500, "chatterbot": 2006, "arithmetic": 8000, "arithmetic_hard": 2000, "spelling": 8000,
+             "arc": 867, "identity": 2000}
 
 
 def sft_parts(sizes=None, chitchat_chars=1500, seed=0):
@@ -72,6 +76,7 @@ def sft_parts(sizes=None, chitchat_chars=1500, seed=0):
         "chitchat": lambda n: Chitchat("train", max_chars=chitchat_chars, stop=n),
         "chatterbot": lambda n: Chatterbot(stop=n),
         "arithmetic": lambda n: Arithmetic("train", size=n, seed=seed),
+        "arithmetic_hard": lambda n: Arithmetic("train", size=n, seed=seed, level="hard"),
         "spelling": lambda n: SpellingBee("train", size=n, seed=seed),
         "arc": lambda n: arc_practice(stop=n),
         "identity": lambda n: Identity("train", size=n, seed=seed),

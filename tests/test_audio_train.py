@@ -25,6 +25,7 @@ from nanochat.augment import clip_variants
 from nanochat.speech_batches import (Item, WaveformAugment, batch_stream, build_items, collate, epoch_batches,
                                      make_examples)
 from nanochat.speech_lm import audio_checkpoint_dir, left_align, load_speech_lm, save_speech_lm
+from tasks.spelling import SpellingBee
 from tasks.spoken import TASKS, SpokenTranscription
 from tests.helpers import build_model
 
@@ -170,6 +171,21 @@ def test_waveform_augment_draws_the_clean_clip_or_one_of_its_fixed_variants(worl
         # Each of the 3 choices turns up in 60 draws (missing one: p < 3 (2/3)^60 ~ 1e-10).
         assert seen == ({None} if item.typed else {None, *clip_variants(item.clip_id, 2, seed=5)})
     assert WaveformAugment().choose(items, 0) == [None] * len(items)
+
+
+def test_chat_and_typed_items_are_text_rows_in_audio_batches(world, tokenizer):
+    spoken = TASKS["transcribe"](None, "train")
+    questions = TASKS["question"](None, "train")
+    chat = SpellingBee("train", size=7)
+    items = build_items([spoken], text_mix=0.5, typed=questions, chat_mix=0.25, chat=chat)
+    n = len(spoken)
+    assert len(items) == n + round(0.5 * n) + round(0.25 * n)
+    chats = [item for item in items if item.chat]
+    assert len(chats) == round(0.25 * n) and [item.index for item in chats] == [i % 7 for i in range(len(chats))]
+    assert all(not item.heard and item.clip_id is None and item.duration == 0.0 for item in chats)
+    assert chats[0].conversation() == chat[0] and "audio" not in chats[0].conversation()
+    with pytest.raises(ValueError, match="chat_mix needs"):
+        build_items([spoken], chat_mix=0.5)
 
 
 def test_stage1_trains_only_the_projector_and_overfits(world, tokenizer):

@@ -11,6 +11,7 @@ import pytest
 import reasoning_gym
 
 from nanochat import speech_data as sd
+from nanochat.engine import use_calculator
 from tasks.spoken import (SpokenContinuation, SpokenQuestions, SpokenTranscription, normalize_text,
                           word_error_rate)
 
@@ -287,6 +288,25 @@ def test_typed_twin_is_the_spoken_question(built):
         assert "audio" not in typed
         assert typed["messages"][0]["content"] == task.rows[i]["transcript"] == task.rows[i]["question"]
         assert typed["messages"][1] == spoken["messages"][1]
+
+
+def test_spoken_arithmetic_is_answered_through_the_calculator(tokenizer):
+    for question, answer in sd.arithmetic_questions(3, 20):
+        row = {"source": "arithmetic", "question": question, "answer": answer}
+        reply = SpokenQuestions.reply(row)
+        expression, output, final = (part["text"] for part in reply)
+        assert use_calculator(expression) == output == answer and final == f"\n\n#### {answer}"
+        item = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+        ids, mask = tokenizer.render_conversation(item)
+        prompt = tokenizer.render_for_completion(item)
+        assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == \
+            f"<|python_start|>{expression}<|python_end|>{final}<|assistant_end|>"  # the tool output is not trained
+        assert SpokenQuestions.evaluate(item, tokenizer.decode(ids[len(prompt):]))
+        assert not SpokenQuestions.evaluate(item, answer) and not SpokenQuestions.evaluate(item, f"#### {int(answer) + 1}")
+    letters = {"source": "letters", "question": "How many letters are in the word cat?", "answer": "3"}
+    assert SpokenQuestions.reply(letters) == "3"
+    with pytest.raises(ValueError, match="not a spoken arithmetic question"):
+        sd.spoken_expression("What is 3 over 4?")
 
 
 def test_word_error_rate_known_values():
