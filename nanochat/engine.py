@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from nanochat.common import COMPUTE_DTYPE, compute_init, logger, setup_logging
+from nanochat.common import compute_dtype, compute_init, logger, setup_logging
 
 
 def _free_memory(device):
@@ -65,12 +65,12 @@ class KVCache:
         head_dim = cfg.n_embd // cfg.n_head
         shape = (cfg.n_layer, batch_size, seq_len, cfg.n_kv_head, head_dim)
         device = model.get_device()
-        need, free = 2 * math.prod(shape) * COMPUTE_DTYPE.itemsize, _free_memory(device)
+        need, free = 2 * math.prod(shape) * compute_dtype().itemsize, _free_memory(device)
         if free is not None and need > free:  # on CPU, zero-filling past it would wake the OOM killer
             raise ValueError(f"a KV cache of {batch_size} rows x {seq_len} positions needs {need / 1e9:.3g} GB and "
                              f"{device} has {free / 1e9:.3g} GB free: ask for fewer samples, prompts or tokens")
-        self.k = torch.zeros(shape, dtype=COMPUTE_DTYPE, device=device)
-        self.v = torch.zeros(shape, dtype=COMPUTE_DTYPE, device=device)
+        self.k = torch.zeros(shape, dtype=compute_dtype(), device=device)
+        self.v = torch.zeros(shape, dtype=compute_dtype(), device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # host side, see KVPositions
         self.smear_prev = None
         self.positions = None
@@ -574,10 +574,10 @@ def main():
     """Smoke generation on whatever device is present: python -m nanochat.engine"""
     parser = argparse.ArgumentParser(description="Generate from the newest base checkpoint (or a random model).")
     parser.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")
-    parser.add_argument("--prompt", default="The capital of France is")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--num-samples", type=int, default=2)
+    parser.add_argument("--prompt", default="The capital of France is", help="text to continue (after BOS)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per sample")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    parser.add_argument("--num-samples", type=int, default=2, help="samples of the same prompt, decoded as one batch")
     args = parser.parse_args()
     setup_logging()
     _, _, _, _, device = compute_init(args.device_type)
@@ -589,7 +589,7 @@ def main():
                                          temperature=args.temperature)
     seconds = time.perf_counter() - start
     new_tokens = sum(len(s) - len(prompt) for s in sequences)
-    print(f"model: {source}, device {device}, dtype {COMPUTE_DTYPE}")
+    print(f"model: {source}, device {device}, dtype {compute_dtype()}")
     for seq in sequences:
         print(repr(tokenizer.decode(seq)))
     print(f"{new_tokens} tokens in {seconds:.2f} s ({new_tokens / seconds:.1f} tok/s)")
