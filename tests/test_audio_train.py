@@ -376,8 +376,9 @@ def test_weighted_layers_are_trained_and_evaluated(world):
 def test_clear_errors(world):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         run_train("--tag", "nothing-here", "--resume")
-    with pytest.raises(ValueError, match="needs --stage 2"):
-        run_train("--text-mix", "0.5")
+    for mix in ("--text-mix", "--chat-mix"):
+        with pytest.raises(ValueError, match="need --stage 2"):
+            run_train(mix, "0.5")
     with pytest.raises(FileNotFoundError, match="no audio checkpoint"):
         load_speech_lm(audio_checkpoint_dir("missing"))
 
