@@ -46,13 +46,15 @@ once base_eval python -m scripts.base_eval --model-tag d4 --eval-tokens 262144 -
 #    300 steps of 8 rows of 256 tokens: ~45% of an epoch of the default mixture (dev/LOG.md).
 resumable sft_checkpoints/d4 python -m scripts.chat_sft --model-tag d4 --max-seq-len 256 --num-iterations 300 \
   --eval-every 100
-once chat_eval_sft python -m scripts.chat_eval --source sft --model-tag d4 --max-problems 100
+# ChatCORE's six tasks, then the two the SFT mixture teaches (held-out arithmetic, unseen identity wordings).
+CHAT_EVAL="--max-problems 100 -a ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee,Arithmetic,Identity"
+once chat_eval_sft python -m scripts.chat_eval --source sft --model-tag d4 $CHAT_EVAL
 
 # 5. RL on generated arithmetic at the hard level (group-relative advantages; 8 problems x 8 replies a
 #    step), pass@1 and pass@4 on held-out problems before and after, then the chat evals again.
 resumable rl_checkpoints/d4 python -m scripts.chat_rl --model-tag d4 --level hard --num-iterations 60 \
   --prompts-per-step 8 --num-samples 8 --eval-problems 200 --eval-samples 4 --gsm8k-problems 16 --eval-every 30
-once chat_eval_rl python -m scripts.chat_eval --source rl --model-tag d4 --max-problems 100
+once chat_eval_rl python -m scripts.chat_eval --source rl --model-tag d4 $CHAT_EVAL
 
 # 6. Ears on the chat model: spoken data from many TTS voices (val/test voices never heard in
 #    training), the projector alone (stage 1), then projector + GPT (stage 2) with typed twins and chat
@@ -68,7 +70,7 @@ S2_TAG=s2; [ "$S2_STEPS" = 1500 ] || S2_TAG=s2_$S2_STEPS
 resumable audio_checkpoints/$S2_TAG python -m scripts.audio_train --tag "$S2_TAG" --stage 2 --init-from s1 \
   --text-mix 0.3 --chat-mix 0.3 --num-iterations "$S2_STEPS" --eval-every 500 --save-every 250
 once "audio_eval_$S2_TAG" python -m scripts.audio_eval --tag "$S2_TAG"
-once "chat_eval_$S2_TAG" python -m scripts.chat_eval --source audio --model-tag "$S2_TAG" --max-problems 100
+once "chat_eval_$S2_TAG" python -m scripts.chat_eval --source audio --model-tag "$S2_TAG" $CHAT_EVAL
 
 # 7. The report card: base_dir/report/report.md, one table across the stages and the plots.
 python -m nanochat.report
