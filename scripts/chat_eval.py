@@ -90,7 +90,7 @@ def main(argv=None):
         f.write(text)
     # Evaluations log into the stage of the model they measure: the sources are the stage names.
     report.log_eval(args.source, {name: r["accuracy"] for name, r in results.items()})
-    if averaged:
+    if len(averaged) == len(CHATCORE_TASKS):  # a partial average is no ChatCORE: it would replace the real one
         report.log_metrics(args.source, chatcore=score)
     summary = {"source": args.source, "checkpoint": checkpoint_dir, "step": meta["step"], "chatcore": score,
                "chatcore_tasks": averaged, "seconds": round(time.perf_counter() - start, 1), "tasks": results}

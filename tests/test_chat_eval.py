@@ -15,6 +15,7 @@ from nanochat.core_eval import select_items
 from nanochat.engine import Engine
 from nanochat.eval_data import eval_data_dir
 from nanochat.gpt import GPTConfig
+from nanochat.report import collect
 from tasks.arc import ARC
 from tasks.spelling import SpellingBee
 from tests.helpers import build_model
@@ -111,8 +112,8 @@ def test_chat_eval_script_end_to_end(model, tokenizer, tmp_path, monkeypatch, ca
     meta = {"step": 5, "model_config": dataclasses.asdict(model.config)}
     save_checkpoint(str(tmp_path / "base_checkpoints" / "tiny"), 5, {"gpt": model.state_dict()}, None, meta)
     from scripts.chat_eval import main
-    summary = main(["--source", "base", "-a", "ARC-Easy,SpellingBee,HumanEval", "--max-problems", "3",
-                    "--max-new-tokens", "8", "--device-type", "cpu"])
+    summary = first = main(["--source", "base", "-a", "ARC-Easy,SpellingBee,HumanEval", "--max-problems", "3",
+                            "--max-new-tokens", "8", "--device-type", "cpu"])
     assert set(summary["tasks"]) == {"ARC-Easy", "SpellingBee", "HumanEval"} and summary["step"] == 5
     assert summary["chatcore_tasks"] == ["ARC-Easy", "HumanEval", "SpellingBee"]
     last_line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -128,3 +129,8 @@ def test_chat_eval_script_end_to_end(model, tokenizer, tmp_path, monkeypatch, ca
     summary = main(["--source", "audio", "-a", "ARC-Easy", "--max-problems", "2", "--device-type", "cpu"])
     assert summary["step"] == 7 and summary["tasks"]["ARC-Easy"]["n"] == 2
     assert (tmp_path / "report" / "chat_eval_audio.md").exists()
+    # The report card gets each task's accuracy; a ChatCORE only from all six of its tasks.
+    stages = collect()
+    assert stages["base"]["evals"] == {name: r["accuracy"] for name, r in first["tasks"].items()}
+    assert stages["audio"]["evals"] == {"ARC-Easy": summary["tasks"]["ARC-Easy"]["accuracy"]}
+    assert "chatcore" not in stages["base"]["metrics"] and "chatcore" not in stages["audio"]["metrics"]
