@@ -18,7 +18,7 @@ import ctranslate2
 import numpy as np
 import torch
 
-from benchmarks.ct2_whisper import ct2_model
+from nanochat.ct2_whisper import ct2_model
 from nanochat.audio import WhisperEncoder
 from nanochat.whisper_weights import OFFLINE_CHECKPOINTS
 

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 
-from benchmarks.ct2_whisper import ct2_transcriber
+from nanochat.ct2_whisper import ct2_transcriber
 from nanochat import speech_data as sd
 from tasks.spoken import normalize_text, word_error_rate
 

@@ -14,7 +14,7 @@ import argparse
 import json
 import time
 
-from benchmarks.ct2_whisper import PROMPTS, ct2_transcriber
+from nanochat.ct2_whisper import PROMPTS, ct2_transcriber
 from nanochat.augment import EVAL_CONDITIONS, eval_variant
 from nanochat.feature_cache import audio_hash
 from nanochat.speech_data import default_data_dir

