@@ -5,17 +5,16 @@ numbers kept). An eval item's question of at least NGRAM words is found in a tra
 one of its NGRAM-word windows occurs in the training item's text (13 words: the overlap unit of
 Brown et al. 2020, the GPT-3 paper, Appendix C); a shorter question when all of its words occur
 there, in order and contiguous. The eval side is every item of every chat eval task
-(tasks/suites.py) and every offline CORE item (nanochat/core_eval.py).
+(tasks/suites.py) and every offline CORE item (nanochat/core_eval.py): tasks.suites.eval_questions.
 
-    index = ContaminationIndex(eval_questions())
+    index = ContaminationIndex(eval_questions())      # from tasks.suites
     hits = find_contamination(SomeTrainingTask(), index)     # [] when clean
 """
 
 import numpy as np
 
-from nanochat.core_eval import CORE_TASKS, load_core_items
-from tasks.common import conversation_text
 from nanochat.speech_eval import normalize_text
+from tasks.common import conversation_text
 
 NGRAM = 13
 
@@ -25,20 +24,6 @@ def core_item_text(item):
     parts = item.get("context_options", []) + [item.get("query", ""), item.get("context", "")]
     parts += item.get("choices", []) + [item.get("continuation", "")]
     return "\n".join(p for p in parts if p)
-
-
-def eval_questions(chat_tasks=None):
-    """[(source, index, text)] of every eval item: the chat eval tasks' questions (all of
-    tasks.suites.chat_eval_tasks() unless given as {name: Task}) and the CORE items."""
-    if chat_tasks is None:
-        from tasks.suites import chat_eval_tasks
-        chat_tasks = {name: make() for name, make in chat_eval_tasks().items()}
-    questions = [(name, i, task.question(i)) for name, task in chat_tasks.items() for i in range(len(task))]
-    for spec in CORE_TASKS:
-        if spec.loader is not None:
-            questions += [(f"CORE/{spec.label}", i, core_item_text(item))
-                          for i, item in enumerate(load_core_items(spec))]
-    return questions
 
 
 class ContaminationIndex:

@@ -5,15 +5,19 @@
 - training_tasks(): every task the project trains on. tests/test_contamination.py checks each
   of them against every eval item (tasks/contamination.py), so a training task added here is
   covered by that test without touching it.
+- eval_questions(): the text of every eval item (the chat eval tasks and the offline CORE
+  items), for the contamination index (tasks/contamination.py).
 - sft_parts() / sft_val_tasks(): the chat fine-tuning mixture's parts (scripts/chat_sft.py mixes
   them with TaskMixture) and held-out conversations of the same kinds for the validation loss.
 The first two map a name to a factory: building a task loads its data, and a training task whose data
 is not built yet (the spoken shards) raises FileNotFoundError naming the command that builds it.
 """
 
+from nanochat.core_eval import CORE_TASKS, load_core_items
 from tasks.arc import ARC, arc_practice
-from tasks.common import TaskMixture
 from tasks.arithmetic import Arithmetic
+from tasks.common import TaskMixture
+from tasks.contamination import core_item_text
 from tasks.dialogue import Chatterbot, Chitchat
 from tasks.gsm8k import GSM8K
 from tasks.hellaswag import HellaSwag
@@ -91,3 +95,16 @@ def sft_val_tasks(chitchat_chars=1500, size=200):
     """Held-out conversations of the SFT mixture's kinds, for the validation loss."""
     return TaskMixture([Chitchat("val", max_chars=chitchat_chars), Arithmetic("test", size=size),
                         SpellingBee("test", size=size), Identity("test")], seed=0)
+
+
+def eval_questions(chat_tasks=None):
+    """[(source, index, text)] of every eval item: the chat eval tasks' questions (all of
+    chat_eval_tasks() unless given as {name: Task}) and the CORE items."""
+    if chat_tasks is None:
+        chat_tasks = {name: make() for name, make in chat_eval_tasks().items()}
+    questions = [(name, i, task.question(i)) for name, task in chat_tasks.items() for i in range(len(task))]
+    for spec in CORE_TASKS:
+        if spec.loader is not None:
+            questions += [(f"CORE/{spec.label}", i, core_item_text(item))
+                          for i, item in enumerate(load_core_items(spec))]
+    return questions

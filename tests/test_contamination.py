@@ -5,10 +5,10 @@ contamination when there is some."""
 import pytest
 
 from tasks.common import Task
-from tasks.contamination import ContaminationIndex, eval_questions, find_contamination
+from tasks.contamination import ContaminationIndex, find_contamination
 from tasks.gsm8k import GSM8K
 from tasks.spelling import SpellingBee
-from tasks.suites import training_tasks
+from tasks.suites import eval_questions, training_tasks
 
 
 @pytest.fixture(scope="module")
