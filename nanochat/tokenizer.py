@@ -434,13 +434,15 @@ def reply_text(tokenizer, ids):
     return "".join(decoder.add(t) for t in ids) + decoder.flush()
 
 
-def reply_parts(text):
+def reply_parts(text, calls=_CALL):
     """Assistant text -> content parts for render_conversation: every <<expression=result>> (a
     calculator call as StreamDecoder shows it) becomes a python part and its python_output, so a
     reply a client sends back in a later turn is the tool call the model made, not text that looks
-    like one. A call without a result (<<expression>>) stays text: it cannot be told from code."""
+    like one. A call without a result (<<expression>>) stays text: it cannot be told from code.
+    calls: the pattern of a call, its groups the expression and the result (GSM8K's answers take
+    any result text, tasks/gsm8k.py)."""
     parts, last = [], 0
-    for match in _CALL.finditer(text):
+    for match in calls.finditer(text):
         if match.start() > last:
             parts.append({"type": "text", "text": text[last:match.start()]})
         parts.append({"type": "python", "text": match.group(1)})

@@ -12,6 +12,7 @@ number equals the reference.
 import re
 
 from nanochat.eval_data import gsm8k_rows
+from nanochat.tokenizer import reply_parts
 from tasks.common import Task, final_number
 
 _CALCULATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
@@ -19,16 +20,7 @@ _CALCULATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 
 def answer_parts(answer):
     """A GSM8K answer as assistant content parts: text, then python / python_output per calculation."""
-    parts, last = [], 0
-    for m in _CALCULATION.finditer(answer):
-        if m.start() > last:
-            parts.append({"type": "text", "text": answer[last:m.start()]})
-        parts.append({"type": "python", "text": m.group(1)})
-        parts.append({"type": "python_output", "text": m.group(2)})
-        last = m.end()
-    if last < len(answer):
-        parts.append({"type": "text", "text": answer[last:]})
-    return parts
+    return reply_parts(answer, _CALCULATION)
 
 
 class GSM8K(Task):
