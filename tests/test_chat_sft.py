@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from nanochat.gpt import GPTConfig
 from scripts import chat_eval, chat_sft
 from tests.helpers import build_model
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_LRS = dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5)
 # Small parts of the real mixture; ARC practice needs the OLMo eval download, tested in test_contamination.
 ARGS = ["--model-tag", "tiny", "--chitchat", "40", "--chatterbot", "40", "--arithmetic", "60", "--spelling", "60",
@@ -79,3 +82,29 @@ def test_sft_bad_settings_are_clear_errors(base_dir):
         sft("--tag", "long", "--max-seq-len", "128", "--num-iterations", "1")
     with pytest.raises(ValueError, match=r"--eval-tasks: unknown tasks \['Poetry'\]"):
         sft("--tag", "bad", "--eval-tasks", "Identity,Poetry", "--num-iterations", "1")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torchrun_two_ranks_train_and_resume_exactly(base_dir):
+    """chat_sft under torchrun on 2 gloo ranks: each rank keeps its own packer state in the
+    checkpoint, and a run stopped after step 2 resumes to the weights of the run that never stopped."""
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "scripts.chat_sft", *ARGS, "--num-iterations", "4", "--eval-every", "-1", *args]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    straight = torchrun("--tag", "ddp")
+    torchrun("--tag", "ddp-resumed", "--save-every", "2", "--stop-at-step", "2")
+    resumed = torchrun("--tag", "ddp-resumed", "--resume")
+    assert straight["steps"] == resumed["steps"] == 4 and math.isfinite(straight["final_loss"])
+    assert resumed["final_loss"] == straight["final_loss"]
+    a, _, meta = load_checkpoint(str(base_dir / "sft_checkpoints" / "ddp"))
+    b, _, _ = load_checkpoint(str(base_dir / "sft_checkpoints" / "ddp-resumed"))
+    assert len(meta["loader_states"]) == 2 and meta["loader_states"][0] != meta["loader_states"][1]
+    for name, tensor in a["gpt"].items():
+        assert torch.equal(tensor, b["gpt"][name]), name
