@@ -210,7 +210,7 @@ def speech_lm_from_state(model_state, meta, device="cpu", phase="eval"):
 
 
 CHAT_SOURCES = ("audio", "rl", "sft", "base")  # checkpoint kinds a chat can load
-DEFAULT_CHAT_CHAIN = ("audio", "sft", "base")  # what a chat loads when not told, first found wins
+DEFAULT_CHAT_CHAIN = ("audio", "rl", "sft", "base")  # what a chat loads when not told, first found wins
 
 
 def load_chat_model(source=None, tag=None, step=None, device="cpu"):

@@ -1,6 +1,6 @@
 """Serve a nanochat model: the chat page (microphone and upload included) and an OpenAI-compatible API.
 
-    python -m scripts.chat_web                          # the newest audio checkpoint, else SFT, else base
+    python -m scripts.chat_web                          # the newest audio checkpoint, else RL, SFT, base
     python -m scripts.chat_web --source base --tag d4   # a text model (it refuses audio)
     python -m scripts.chat_web --host 0.0.0.0 --api-key SECRET
 
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     d = Limits()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default=None, choices=CHAT_SOURCES,
-                   help="checkpoint kind (default: the newest audio checkpoint, else sft, else base)")
+                   help="checkpoint kind (default: the newest audio checkpoint, else rl, else sft, else base)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest of that kind)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--device-type", default=None, help="cuda | mps | cpu (default: autodetect)")
