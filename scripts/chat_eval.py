@@ -15,6 +15,7 @@ table to base_dir/report/chat_eval_<source>.md and prints one JSON line last.
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -22,9 +23,9 @@ import torch
 from nanochat import report
 from nanochat.chat_eval import CHATCORE_TASKS, chatcore, evaluate_chat_task
 from nanochat.checkpoint import checkpoint_dir_for, load_model
-from nanochat.common import atomic_write, compute_init, get_base_dir, print0, setup_logging
+from nanochat.common import atomic_write, compute_init, get_base_dir, print0, run_cli, setup_logging
 from nanochat.engine import Engine
-from tasks.suites import chat_eval_tasks
+from tasks.suites import chat_eval_selection, chat_eval_tasks
 
 
 def parse_args(argv=None):
@@ -61,11 +62,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_logging()
     _, _, _, _, device = compute_init(args.device_type)
-    available = chat_eval_tasks()
-    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise SystemExit(f"unknown tasks {unknown}; choose from {list(available)}")
+    selected = chat_eval_selection(args.tasks, "--tasks")
     # An audio checkpoint holds the GPT's weights under "gpt" like any other: its text side loads
     # without the Whisper encoder, which text tasks never use.
     checkpoint_dir = checkpoint_dir_for(args.source, args.model_tag)
@@ -73,8 +70,8 @@ def main(argv=None):
     engine = Engine(model, tokenizer)
     results, start = {}, time.perf_counter()
     with torch.inference_mode():
-        for name in names:
-            task = available[name]()
+        for name, make in selected.items():
+            task = make()
             results[name] = evaluate_chat_task(
                 model, engine, tokenizer, task, max_problems=args.max_problems, num_samples=args.num_samples,
                 desc=name, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -99,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

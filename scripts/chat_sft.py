@@ -33,7 +33,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import Run, Schedule, Start, add_training_args, inherited_lrs, resume, token_step, train
 from tasks.common import TaskMixture
-from tasks.suites import SFT_SIZES, chat_eval_tasks, sft_parts, sft_val_tasks
+from tasks.suites import SFT_SIZES, chat_eval_selection, chat_eval_tasks, sft_parts, sft_val_tasks
 
 STAGE = "sft"  # the checkpoint kind (base_dir/sft_checkpoints) and the report-card stage
 
@@ -100,11 +100,7 @@ def main(argv=None):
     batches = sft_data_loader(mixture, tokenizer, B, T, device, start.loader_state, seed=args.seed)
 
     val_tasks, token_bytes = sft_val_tasks(chars), get_token_bytes(tokenizer, device=device)
-    available = chat_eval_tasks()
-    unknown = [name for name in args.eval_tasks.split(",") if name and name not in available]
-    if unknown:
-        raise ValueError(f"--eval-tasks: unknown tasks {unknown}; choose from {list(available)}")
-    eval_tasks = {name: available[name]() for name in args.eval_tasks.split(",") if name}
+    eval_tasks = {name: make() for name, make in chat_eval_selection(args.eval_tasks, "--eval-tasks").items()}
     engine = Engine(model, tokenizer)
 
     def evaluate(step):

@@ -2,6 +2,7 @@
 
 - chat_eval_tasks(): the chat benchmarks scripts/chat_eval.py runs (ChatCORE's six first, then
   the others; ChatCORE averages its six only, nanochat/chat_eval.py).
+- chat_eval_selection(names): the chat benchmarks named on a command line, checked.
 - training_tasks(): every task the project trains on. tests/test_contamination.py checks each
   of them against every eval item (tasks/contamination.py), so a training task added here is
   covered by that test without touching it.
@@ -41,6 +42,17 @@ def chat_eval_tasks():
         "Arithmetic": lambda: Arithmetic("test", size=500),
         "Identity": lambda: Identity("test"),
     }
+
+
+def chat_eval_selection(names, flag="--tasks"):
+    """{name: () -> Task} of the comma-separated chat eval task `names`, in their order; an unknown
+    name is a ValueError naming the `flag` it came from and the choices."""
+    available = chat_eval_tasks()
+    chosen = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise ValueError(f"{flag}: unknown tasks {unknown}; choose from {list(available)}")
+    return {name: available[name] for name in chosen}
 
 
 def training_tasks():

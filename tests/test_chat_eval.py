@@ -120,7 +120,7 @@ def test_chat_eval_script_end_to_end(model, tokenizer, tmp_path, monkeypatch, ca
     assert last_line["chatcore"] == pytest.approx(summary["chatcore"])
     report = (tmp_path / "report" / "chat_eval_base.md").read_text()
     assert "| ARC-Easy | categorical | 3 |" in report and "ChatCORE" in report
-    with pytest.raises(SystemExit, match="unknown tasks"):
+    with pytest.raises(ValueError, match=r"--tasks: unknown tasks \['NoSuchTask'\]"):
         main(["--source", "base", "-a", "NoSuchTask"])
     # An audio checkpoint (GPT + projector weights, encoder in the meta) is evaluated on its GPT.
     audio_state = {"gpt": model.state_dict(), "projector": {"w": torch.zeros(2)}}
