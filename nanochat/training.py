@@ -241,11 +241,14 @@ class StepLog:
         if self.peak:  # a measured peak only ever rises (see mfu.py): measure again now and then
             self.peak, _ = peak_flops(self.run.device, compute_dtype())
 
-    def finish(self, completed):
-        """Close the wandb run, if any; a run that completed ends its report stage."""
+    def finish(self, completed, final_loss, train_seconds):
+        """Close the wandb run, if any; a run that completed ends its report stage with its final
+        (smoothed) loss and minutes of training."""
         if self.wandb:
             self.wandb.finish()
         if completed and self.run.report_stage:
+            if final_loss is not None:  # None: resumed at its last step, nothing trained
+                report.log_metrics(self.run.report_stage, final_loss=final_loss, train_minutes=train_seconds / 60)
             report.end_stage(self.run.report_stage)
 
 
@@ -356,7 +359,7 @@ def train(model, optimizer, schedule, step_fn, run, start=None, evaluate=None, s
         if done == run.stop_at_step:
             print0(f"stopping at step {done} as asked")
             break
-    log.finish(done == run.num_iterations)
+    log.finish(done == run.num_iterations, smooth_loss, progress.train_seconds)
     return dict(steps=done, final_loss=smooth_loss, train_minutes=progress.train_seconds / 60, val=val,
                 checkpoint_dir=run.checkpoint_dir)
 

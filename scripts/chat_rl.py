@@ -101,7 +101,6 @@ def main(argv=None):
                             evaluate_pass_at_k(engine, gsm8k, args.gsm8k_problems, **generate).items()})
         return metrics
 
-    report.start_stage("rl", resume=args.resume, config=vars(args))
     before = start.meta["eval_before"] if start.meta else None
     if start.step == 0 and args.eval_every > 0:
         model.eval()
@@ -113,7 +112,7 @@ def main(argv=None):
         ids = rank_share(step * args.prompts_per_step, args.prompts_per_step, rank, world_size)
         loss, stats = grpo_step(model, engine, train_task, ids, args.num_samples, args.max_new_tokens,
                                 args.device_batch_size, args.temperature, args.top_k, args.seed, world_size)
-        report.log_step("rl", step + 1, loss=loss, **stats)
+        report.log_step("rl", step + 1, **stats)  # the harness logs the loss beside them
         fields = {"reward": f"{stats['reward']:.3f}", "len": f"{stats['tokens']:.0f}",
                   "trained": f"{stats['trained']:.2f}"}
         return StepOutput(loss, int(stats["tokens"] * args.prompts_per_step * args.num_samples / world_size),
@@ -123,7 +122,8 @@ def main(argv=None):
     run = Run(checkpoint_dir, args.num_iterations, lambda: {"gpt": model.state_dict()},
               dict(model_config=source_meta["model_config"], user_config=vars(args), rl_source=source,
                    eval_before=before),
-              device, rank, world_size, args.eval_every, -1, args.save_every, args.stop_at_step, wandb_name=args.run)
+              device, rank, world_size, args.eval_every, -1, args.save_every, args.stop_at_step, wandb_name=args.run,
+              report_stage="rl")
     summary = train(model, optimizer, schedule, step_fn, run, start, evaluate)
     summary["before"] = before
     if summary["steps"] == args.num_iterations:
@@ -131,7 +131,6 @@ def main(argv=None):
         report.log_metrics("rl", **{f"{k}_before": v for k, v in (before or {}).items()},
                            **{f"{k}_after": v for k, v in after.items()})
         report.log_eval("rl", {k.replace("_pass@1", ""): v for k, v in after.items() if k.endswith("_pass@1")})
-        report.end_stage("rl")
     print0(json.dumps(summary))
     compute_cleanup()
     return summary

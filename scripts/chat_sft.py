@@ -126,8 +126,8 @@ def main(argv=None):
     summary = train(model, optimizer, schedule, token_step(model, batches, args.grad_accum), run, start, evaluate)
     if summary["steps"] == num_iterations:  # the stage's summary numbers, next to its curves
         val = summary["val"] or {}
-        report.log_metrics(STAGE, final_loss=summary["final_loss"], train_minutes=summary["train_minutes"],
-                           **({"val_bpb": val["bpb"]} if "bpb" in val else {}))
+        if "bpb" in val:
+            report.log_metrics(STAGE, val_bpb=val["bpb"])
         report.log_eval(STAGE, {name: val[name] for name in eval_tasks if name in val})
     print0(json.dumps(summary))
     compute_cleanup()

@@ -89,7 +89,7 @@ def test_killed_run_resumes_exactly(tmp_path, capsys):
 
 def test_report_card_curves_survive_a_kill_and_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    run_job(tmp_path / "straight", capsys, eval_every=4, report_stage="straight")
+    _, summary, _ = run_job(tmp_path / "straight", capsys, eval_every=4, report_stage="straight")
     run_job(tmp_path / "killed", capsys, eval_every=4, save_every=3, stop_at_step=4, report_stage="killed")
     assert "end" not in [r["kind"] for r in report.read_stage(str(tmp_path / "base/report/stages/killed.jsonl"))]
     run_job(tmp_path / "killed", capsys, start=resume(str(tmp_path / "killed"), "cpu"), eval_every=4,
@@ -98,6 +98,7 @@ def test_report_card_curves_survive_a_kill_and_resume(tmp_path, capsys, monkeypa
     straight, killed = stages["straight"], stages["killed"]
     assert sorted(straight["curves"]["loss"]) == list(range(1, 9))
     assert straight["curves"]["val_loss"] == {4: 4.0, 8: 8.0}
+    assert straight["metrics"] == {"final_loss": summary["final_loss"], "train_minutes": summary["train_minutes"]}
     # Step 4 ran twice (before the kill and after the resume from step 3): the later value counts.
     assert killed["curves"] == straight["curves"] and len(killed["runs"]) == 2 and killed["runs"][1]["resume"]
     assert report.read_stage(str(tmp_path / "base/report/stages/killed.jsonl"))[-1]["kind"] == "end"
