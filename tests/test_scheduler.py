@@ -97,7 +97,9 @@ def test_a_request_in_a_busy_changing_batch_gets_what_it_gets_alone(scheduler, m
             r.on_event.wait()
     finally:
         hook.remove()
-    assert max(sizes) >= 6 and sizes[-1] == 1  # they did share the batch, and left it one by one
+    # They shared the batch, and it shrank as they left: how many end at the same step depends on
+    # when each arrived (the last forward held 1 row in most runs, 2 in one of a full-suite run).
+    assert max(sizes) >= 6 and sizes[-1] < max(sizes)
     assert scheduler.stats()["active_rows"] == 0
     for r in requests:
         solo = alone(model, tokenizer, r)
