@@ -30,7 +30,8 @@ def main():
     parser.add_argument("--max-items", type=int, default=-1, help="clips to transcribe (-1: all)")
     parser.add_argument("--threads", type=int, default=2, help="CTranslate2 threads")
     parser.add_argument("--conditions", nargs="+", default=list(EVAL_CONDITIONS), choices=list(EVAL_CONDITIONS),
-                        help="acoustic conditions to transcribe the clips in")
+                        help="acoustic conditions to transcribe the clips in (clean is always scored, as in "
+                        "audio_eval)")
     args = parser.parse_args()
 
     task = SpokenTranscription(args.data_dir or default_data_dir(), args.split)
@@ -40,7 +41,7 @@ def main():
     references = [item["messages"][-1]["content"] for item in items]
     start = time.perf_counter()
     scores = {}
-    for condition in args.conditions:
+    for condition in ["clean"] + [c for c in args.conditions if c != "clean"]:
         audio = [eval_variant(condition, audio_hash(item["audio"]))(item["audio"]) for item in items]
         scores[condition] = transcription_scores(task.rows[:n], references, transcribe(audio))
     seconds = time.perf_counter() - start
@@ -55,7 +56,7 @@ def main():
         values = [s[field] if voice is None else s[field][voice] for s in scores.values()]
         print(f"{label:28s}" + "".join(f" {100 * x:11.1f}%" for x in values))
     print(json.dumps({"bench": "whisper_reference", "model": args.model, "split": args.split, "n": n,
-                      "seconds": round(seconds, 1), **scores.get("clean", first), "conditions": scores}))
+                      "seconds": round(seconds, 1), **scores["clean"], "conditions": scores}))
 
 
 if __name__ == "__main__":
