@@ -242,7 +242,7 @@ def main():
         print(f"{mode.replace('_', ' '):>10} {dtype:>9} {stack:>5} | {row['median_ms']:9.0f} {row['mean_ms']:8.0f} "
               f"{row['cpu_ms']:7.0f} {row['tok_per_s']:7.0f} | {first['median_ms'] / row['median_ms']:9.2f}x "
               f"{first['cpu_ms'] / row['cpu_ms']:9.2f}x")
-    print(f"where a step goes (median wall ms; soft tokens: the audio path's forward, timed apart)")
+    print("where a step goes (median wall ms; soft tokens: the audio path's forward, timed apart)")
     print(f"{'mode':>10} {'dtype':>9} {'stack':>5} | " + " ".join(f"{name.replace('_', ' '):>11}" for name in PHASES))
     for (dtype, stack, mode), row in rows.items():
         print(f"{mode.replace('_', ' '):>10} {dtype:>9} {stack:>5} | "
