@@ -15,7 +15,7 @@ import json
 import time
 
 from nanochat.ct2_whisper import PROMPTS, ct2_transcriber
-from nanochat.augment import EVAL_CONDITIONS, eval_variant
+from nanochat.augment import EVAL_CONDITIONS, eval_variant, scored_conditions
 from nanochat.feature_cache import audio_hash
 from nanochat.speech_data import default_data_dir
 from nanochat.speech_eval import transcription_scores
@@ -41,7 +41,7 @@ def main():
     references = [item["messages"][-1]["content"] for item in items]
     start = time.perf_counter()
     scores = {}
-    for condition in ["clean"] + [c for c in args.conditions if c != "clean"]:
+    for condition in scored_conditions(args.conditions):
         audio = [eval_variant(condition, audio_hash(item["audio"]))(item["audio"]) for item in items]
         scores[condition] = transcription_scores(task.rows[:n], references, transcribe(audio))
     seconds = time.perf_counter() - start

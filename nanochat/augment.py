@@ -206,6 +206,12 @@ EVAL_CONDITIONS = {
 }
 
 
+def scored_conditions(conditions):
+    """The conditions an evaluation scores: clean always and first (the headline figures), then the
+    other asked ones in order."""
+    return ["clean"] + [c for c in conditions if c != "clean"]
+
+
 def eval_variant(condition, clip_key):
     """The Variant of an EVAL_CONDITIONS condition for one clip (its noise / room drawn from the clip key)."""
     if condition not in EVAL_CONDITIONS:

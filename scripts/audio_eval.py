@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 
 from nanochat import report
-from nanochat.augment import EVAL_CONDITIONS, eval_variant
+from nanochat.augment import EVAL_CONDITIONS, eval_variant, scored_conditions
 from nanochat.common import atomic_write, compute_init, get_base_dir, run_cli, setup_logging
 from nanochat.engine import Engine
 from nanochat.feature_cache import FeatureCache, audio_hash, encode_with_cache
@@ -77,7 +77,7 @@ def evaluate(model, tokenizer, data_dir, split, max_items, batch_size, max_token
     engine, cache = Engine(model.gpt, tokenizer), FeatureCache()
     results, examples = {"conditions": {}}, []
     transcription = SpokenTranscription(data_dir, split)
-    for condition in ["clean"] + [c for c in conditions if c != "clean"]:
+    for condition in scored_conditions(conditions):
         rows, convs, replies = run_task(model, engine, tokenizer, cache, transcription, max_items, batch_size,
                                         max_tokens, condition=condition)
         refs = [answer(c) for c in convs]
